@@ -1,0 +1,97 @@
+"""The job's event stream: DESIGN's event table, and the sinks events go to.
+
+Every event is one JSON object with ``job_id``, ``seq`` (1, 2, 3 … per job, no gaps, no
+repeats), ``type`` and ``ts`` (epoch seconds), plus the fields of its type:
+
+=============  ==============================================================================
+type           fields
+=============  ==============================================================================
+started        agent, chain, start_model, in_cooldown
+attempt        n, model, attempt, max_attempts, fallback
+delta          n, text; or n, tool_call {index, id, name, arguments}
+retry          n, model, delay_s, error, discard
+fallback       from, to, reason, error, discard
+restarted      discard
+completed      model, text, tool_calls, finish_reason, usage, attempts, fallback_used, duration_s
+failed         error, attempts
+=============  ==============================================================================
+
+The executor builds the type-specific part; a sink stamps ``job_id``, ``seq`` and ``ts``
+and delivers. ``completed`` and ``failed`` are terminal: exactly one ends every job.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol, TextIO
+
+from worker.clock import Clock
+
+Event = dict[str, Any]
+TERMINAL_TYPES = frozenset({"completed", "failed"})
+
+
+def stamp(job_id: str, seq: int, ts: float, body: Event) -> Event:
+    """The full event: the common fields first, then the type's own."""
+    return {"job_id": job_id, "seq": seq, "type": body["type"], "ts": round(ts, 6), **body}
+
+
+def encode(event: Event) -> str:
+    return json.dumps(event, separators=(",", ":"), ensure_ascii=False)
+
+
+class EventSink(Protocol):
+    """Where one job's events go, in order."""
+
+    def emit(self, body: Event) -> Event:
+        """Stamp and deliver one event; returns it as delivered."""
+
+    def close(self) -> None:
+        """Deliver anything still buffered."""
+
+
+class CountingEventSink:
+    """A sink that numbers events itself (one process owns the job's whole stream).
+
+    Subclasses deliver in :meth:`write`; this base delivers nowhere (a no-op sink).
+    """
+
+    def __init__(self, job_id: str, clock: Clock, *, first_seq: int = 1) -> None:
+        self.job_id = job_id
+        self._clock = clock
+        self._next = first_seq
+
+    def emit(self, body: Event) -> Event:
+        event = stamp(self.job_id, self._next, self._clock.time(), body)
+        self._next += 1
+        self.write(event)
+        return event
+
+    def write(self, event: Event) -> None:
+        """Deliver one stamped event."""
+
+    def close(self) -> None:
+        """Nothing is buffered."""
+
+
+class MemoryEventSink(CountingEventSink):
+    """Keeps every event in ``events``."""
+
+    def __init__(self, job_id: str, clock: Clock) -> None:
+        super().__init__(job_id, clock)
+        self.events: list[Event] = []
+
+    def write(self, event: Event) -> None:
+        self.events.append(event)
+
+
+class JsonLinesEventSink(CountingEventSink):
+    """Writes each event as one JSON line (``python -m worker run``)."""
+
+    def __init__(self, job_id: str, clock: Clock, out: TextIO) -> None:
+        super().__init__(job_id, clock)
+        self._out = out
+
+    def write(self, event: Event) -> None:
+        self._out.write(encode(event) + "\n")
+        self._out.flush()

@@ -1,0 +1,244 @@
+"""Budgets for one streaming attempt, enforced on the socket itself.
+
+httpx's read timeout measures inactivity only, and nothing in httpx wakes a thread blocked
+on a socket when a job is cancelled. So every connection the shared ``httpx.Client`` opens
+goes through :class:`GuardedBackend`, whose streams consult the calling thread's
+:class:`StreamGuard` on every read:
+
+* each read waits at most until the nearest budget runs out (first token, idle gap,
+  the attempt's total, the job's deadline), then raises that budget's error;
+* :meth:`StreamGuard.interrupt` (called when the job is cancelled, from any thread) shuts
+  the socket down, which wakes the blocked read at once.
+
+Either way the exception unwinds through httpcore, which closes the connection instead of
+returning it to the pool: a timed-out or cancelled request is really closed upstream.
+Durations are seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpcore
+import httpx
+
+from worker.clock import CancelToken, Clock
+from worker.errors import Cancelled, DeadlineExceeded, ProviderTimeout, RelieverError
+
+_local = threading.local()
+
+
+class StreamGuard:
+    """The budgets of one attempt, and the socket it is reading from.
+
+    Args:
+        clock: the time source.
+        cancel: the job's cancel token; setting it interrupts the read.
+        first_token_s: budget from the attempt's start to its first delta.
+        idle_s: longest gap between two reads once the first delta arrived.
+        total_s: budget for the whole attempt.
+        deadline_at: the job's deadline (monotonic), or None.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Clock,
+        cancel: CancelToken,
+        first_token_s: float,
+        idle_s: float,
+        total_s: float,
+        deadline_at: float | None,
+    ) -> None:
+        self._clock = clock
+        self._cancel = cancel
+        self._started = clock.monotonic()
+        self._first_token_at = self._started + first_token_s
+        self._idle_s = idle_s
+        self._total_at = self._started + total_s
+        self._deadline_at = deadline_at
+        self._last_read = self._started
+        self._first_delta = False
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+
+    def first_delta(self) -> None:
+        """The attempt produced its first delta: the idle budget takes over."""
+        self._first_delta = True
+
+    def saw_bytes(self) -> None:
+        self._last_read = self._clock.monotonic()
+
+    def _next_trip(self) -> tuple[float, RelieverError]:
+        candidates: list[tuple[float, RelieverError]] = [
+            (self._total_at, ProviderTimeout("no complete answer within the total timeout")),
+        ]
+        if self._first_delta:
+            candidates.append(
+                (
+                    self._last_read + self._idle_s,
+                    ProviderTimeout(f"the stream went quiet for {self._idle_s:g}s (idle timeout)"),
+                )
+            )
+        else:
+            candidates.append(
+                (
+                    self._first_token_at,
+                    ProviderTimeout("no first token within the first_token timeout"),
+                )
+            )
+        if self._deadline_at is not None:
+            candidates.append((self._deadline_at, DeadlineExceeded("the job's deadline passed")))
+        return min(candidates, key=lambda c: c[0])
+
+    def check(self) -> None:
+        """Raise the error of a budget that ran out, or :class:`Cancelled`."""
+        if self._cancel.cancelled:
+            raise Cancelled("the job was cancelled")
+        at, error = self._next_trip()
+        if self._clock.monotonic() >= at:
+            raise error
+
+    def seconds_left(self) -> float:
+        """Seconds until the nearest budget runs out (never negative)."""
+        at, _ = self._next_trip()
+        return max(0.0, at - self._clock.monotonic())
+
+    def attach(self, sock: socket.socket | None) -> None:
+        """Remember the socket the current read uses, so that a cancel can shut it."""
+        with self._lock:
+            self._sock = sock
+        if self._cancel.cancelled:
+            self.interrupt()
+
+    def interrupt(self) -> None:
+        """Wake the thread blocked on this attempt's socket (any thread may call this)."""
+        with self._lock:
+            sock = self._sock
+        if sock is None:
+            return
+        # The plain socket's shutdown, even for an SSLSocket: SSLSocket.shutdown would
+        # tear down its SSL object under the reading thread's feet.
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+def current_guard() -> StreamGuard | None:
+    guard: StreamGuard | None = getattr(_local, "guard", None)
+    return guard
+
+
+@contextmanager
+def guarding(guard: StreamGuard) -> Iterator[StreamGuard]:
+    """Make ``guard`` the calling thread's guard while the attempt runs."""
+    previous = current_guard()
+    _local.guard = guard
+    try:
+        yield guard
+    finally:
+        _local.guard = previous
+
+
+class GuardedStream(httpcore.NetworkStream):
+    """A network stream whose reads obey the calling thread's :class:`StreamGuard`."""
+
+    def __init__(self, inner: httpcore.NetworkStream) -> None:
+        self._inner = inner
+        self._sock: socket.socket | None = inner.get_extra_info("socket")
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        guard = current_guard()
+        if guard is None:
+            return self._inner.read(max_bytes, timeout)
+        guard.attach(self._sock)
+        try:
+            guard.check()
+            left = guard.seconds_left()
+            wait = left if timeout is None else min(timeout, left)
+            try:
+                data = self._inner.read(max_bytes, wait)
+            except httpcore.ReadTimeout:
+                guard.check()
+                raise
+            # A shutdown by interrupt() reads as end-of-stream: say why instead.
+            guard.check()
+            guard.saw_bytes()
+            return data
+        finally:
+            guard.attach(None)
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, timeout)
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(
+        self,
+        ssl_context: Any,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.NetworkStream:
+        return GuardedStream(self._inner.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class GuardedBackend(httpcore.NetworkBackend):
+    """httpcore's sync backend, handing out :class:`GuardedStream` connections."""
+
+    def __init__(self, inner: httpcore.NetworkBackend | None = None) -> None:
+        self._inner = inner or httpcore.SyncBackend()
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        guard = current_guard()
+        if guard is not None:
+            guard.check()
+            left = guard.seconds_left()
+            timeout = left if timeout is None else min(timeout, left)
+        stream = self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+        return GuardedStream(stream)
+
+    def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        return GuardedStream(self._inner.connect_unix_socket(path, timeout, socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+def guarded_transport(*, max_connections: int = 1000) -> httpx.HTTPTransport:
+    """An ``httpx.HTTPTransport`` (no retries of its own) whose connections are guarded."""
+    transport = httpx.HTTPTransport(
+        retries=0,
+        # Requests go out as headers then body: two small writes, which Nagle's algorithm
+        # would hold back for the server's delayed ACK.
+        socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+        limits=httpx.Limits(
+            max_connections=max_connections,
+            max_keepalive_connections=max_connections,
+            keepalive_expiry=60.0,
+        ),
+    )
+    # httpx builds its httpcore pool itself and takes no network backend; the pool's
+    # backend is the one seam httpcore offers for wrapping every socket it opens.
+    pool = transport._pool
+    pool._network_backend = GuardedBackend(pool._network_backend)
+    return transport

@@ -1,0 +1,176 @@
+"""What every provider adapter takes and yields, and the one seam for transport errors.
+
+An adapter turns a :class:`ProviderRequest` into the provider's HTTP request, streams the
+answer, and yields provider-neutral :class:`Delta` values. It never lets an ``httpx``
+exception escape: :func:`translated` turns them into :class:`~worker.errors.ProviderError`
+subclasses, most specific first, and :func:`open_stream` classifies a response that is
+not a stream (an error status, a 200 whose body is an error, a wrong content type).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import httpx
+from httpx_sse import EventSource, SSEError
+
+from worker.agents import ModelRef
+from worker.classify import ErrorBody, classify_response, decode_body, parse_error_body, scrub
+from worker.clock import Clock
+from worker.errors import FatalError, ProviderError, ProviderTimeout, RetryableError
+
+ERROR_BODY_MAX_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderRequest:
+    """The provider-neutral request: DESIGN's job fields an adapter translates."""
+
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallPiece:
+    """A piece of a streamed tool call; pieces with the same ``index`` join up."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+    def as_event(self) -> dict[str, Any]:
+        return {"index": self.index, "id": self.id, "name": self.name, "arguments": self.arguments}
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.input_tokens + other.input_tokens, self.output_tokens + other.output_tokens
+        )
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "total_tokens": self.input_tokens + self.output_tokens,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """One thing an adapter yields: text, a tool-call piece, the finish reason or usage.
+
+    The stream is complete only after a delta with ``done=True`` (the provider's end
+    marker); a stream that stops without one is broken.
+    """
+
+    text: str | None = None
+    tool_call: ToolCallPiece | None = None
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    done: bool = False
+
+
+class Provider(Protocol):
+    """A provider adapter: one instance per process, shared by every thread."""
+
+    def stream(self, model: ModelRef, request: ProviderRequest) -> Iterator[Delta]:
+        """Call ``model`` and yield its answer as deltas.
+
+        Raises:
+            ProviderError: the attempt failed; the subclass says how.
+            ConfigError: the model's API key variable is not set.
+        """
+
+
+@contextmanager
+def translated(secrets: tuple[str, ...] = ()) -> Iterator[None]:
+    """Turn ``httpx`` and SSE exceptions into :class:`ProviderError` subclasses.
+
+    The mapping, most specific first: connect and read timeouts are
+    :class:`ProviderTimeout`; connect errors and a stream cut short (``ReadError``,
+    ``RemoteProtocolError``) are :class:`RetryableError`; a malformed event stream is a
+    :class:`FatalError`. Messages come from the exception type, never from its text,
+    so no address, port or URL is read as a status.
+    """
+    try:
+        yield
+    except httpx.ConnectTimeout:
+        raise ProviderTimeout("connect timeout") from None
+    except httpx.ReadTimeout:
+        raise ProviderTimeout("read timeout") from None
+    except httpx.WriteTimeout:
+        raise ProviderTimeout("write timeout") from None
+    except httpx.ConnectError as exc:
+        raise RetryableError(f"connect error: {scrub(str(exc), secrets)}") from None
+    except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+        raise RetryableError(f"the stream broke: {scrub(str(exc), secrets)}") from None
+    except SSEError as exc:
+        raise FatalError(f"not an event stream: {scrub(str(exc), secrets)}") from None
+
+
+@contextmanager
+def open_stream(
+    client: httpx.Client,
+    url: str,
+    *,
+    headers: Mapping[str, str],
+    body: Mapping[str, Any],
+    model: ModelRef,
+    secrets: tuple[str, ...],
+    clock: Clock,
+) -> Iterator[EventSource]:
+    """POST ``body`` and yield the response as an SSE source once it is known to be one.
+
+    A non-2xx status, or a 2xx that is not ``text/event-stream`` (such as a 200 whose
+    JSON body is an error), is read (bounded) and classified; the response is closed on
+    every path.
+    """
+    timeouts = model.timeouts
+    timeout = httpx.Timeout(
+        connect=timeouts.connect,
+        read=max(timeouts.first_token, timeouts.idle),
+        write=timeouts.connect,
+        pool=timeouts.connect,
+    )
+    with (
+        translated(secrets),
+        client.stream(
+            "POST",
+            url,
+            headers={"accept": "text/event-stream", **headers},
+            json=body,
+            timeout=timeout,
+        ) as response,
+    ):
+        content_type = response.headers.get("content-type", "")
+        if not (200 <= response.status_code < 300) or "text/event-stream" not in content_type:
+            raise _error_from(response, secrets, clock.time())
+        yield EventSource(response)
+
+
+def _error_from(response: httpx.Response, secrets: tuple[str, ...], now_s: float) -> ProviderError:
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_bytes():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= ERROR_BODY_MAX_BYTES:
+            break
+    body = b"".join(chunks)[:ERROR_BODY_MAX_BYTES]
+    status = response.status_code
+    if 200 <= status < 300 and parse_error_body(decode_body(body)) == ErrorBody():
+        content_type = response.headers.get("content-type", "no content type")
+        return FatalError(
+            f"HTTP {status}: expected an event stream, got {scrub(content_type)!r}", status=status
+        )
+    return classify_response(status, response.headers, body, now_s=now_s, secrets=secrets)

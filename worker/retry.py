@@ -1,0 +1,96 @@
+"""The retry schedule: exponential delays from `backoff`, our jitter, and Retry-After.
+
+All durations are seconds. The chain executor owns its retry loop (its waits must wake on
+cancellation and on the deadline, which `backoff`'s decorator cannot do); this module only
+says how long each wait is. ``backoff.expo`` computes the exponential part.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import math
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import backoff
+
+RETRY_AFTER_CAP_S = 60.0
+"""The longest server-requested wait we honour (DESIGN rules 2 and 3)."""
+
+Jitter = Callable[[float], float]
+
+
+def proportional_jitter(fraction: float, rng: random.Random) -> Jitter:
+    """Jitter of ±``fraction`` of the delay, uniform: ``0.1`` gives ``d·[0.9, 1.1]``.
+
+    This is DESIGN's ``jitter: 0.1``; it is not ``backoff.full_jitter`` (uniform in ``[0, d]``).
+    """
+
+    def jitter(delay_s: float) -> float:
+        if fraction <= 0:
+            return delay_s
+        return delay_s * (1.0 + fraction * (2.0 * rng.random() - 1.0))
+
+    return jitter
+
+
+@dataclass(frozen=True, slots=True)
+class BackoffPolicy:
+    """``delay(k) = min(max_s, base_s · factor^k)`` with ±``jitter`` (a fraction)."""
+
+    base_s: float = 0.2
+    factor: float = 2.0
+    max_s: float = 2.0
+    jitter: float = 0.1
+
+    def delays(self, rng: random.Random) -> Iterator[float]:
+        """The jittered waits before retry 1, 2, 3 … of one model."""
+        # backoff.expo(base, factor) yields factor * base**n: its `base` is our growth factor
+        # and its `factor` our first delay, so the names look swapped on purpose.
+        gen = backoff.expo(base=self.factor, factor=self.base_s, max_value=self.max_s)
+        # Like the library's own retry loop, prime the generator once: its first next()
+        # yields nothing useful (it runs the code up to the first yield).
+        next(gen)
+        jitter = proportional_jitter(self.jitter, rng)
+        for delay_s in gen:
+            yield jitter(float(delay_s))
+
+
+def parse_retry_after(
+    value: str | None, *, now_s: float, cap_s: float = RETRY_AFTER_CAP_S
+) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP-date).
+
+    Args:
+        value: the raw header, or None when absent.
+        now_s: the current epoch time, for HTTP-dates.
+        cap_s: the longest wait returned; longer requests are capped to it.
+
+    Returns:
+        The wait in seconds in ``[0, cap_s]``, or None when the header is absent or unusable.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    seconds: float | None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = None
+    if seconds is None:
+        try:
+            parsed = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if parsed is None or parsed.tzinfo is None:
+            return None
+        try:
+            seconds = parsed.timestamp() - now_s
+        except (OverflowError, OSError, ValueError):
+            return None
+    if math.isnan(seconds) or seconds < 0:
+        return None if math.isnan(seconds) else 0.0
+    return min(seconds, cap_s)
