@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 from hypothesis import settings as hsettings
@@ -28,8 +29,6 @@ from worker.jobs import Job, parse_job
 from worker.keys import Keys
 from worker.mockllm import MockLLM
 from worker.providers import build_providers
-
-import httpx
 
 hsettings.register_profile("dev", max_examples=100)
 hsettings.register_profile("ci", max_examples=200, derandomize=True, deadline=None, print_blob=True)
