@@ -34,6 +34,14 @@ class Settings(BaseSettings):
     sentry_dsn: SecretStr | None = None
     flower_basic_auth: SecretStr = SecretStr(DEFAULT_FLOWER_AUTH)
     log_level: str = "INFO"
+    lease_ttl_s: float = Field(15.0, gt=0, description="a running job's lease; renewed every third")
+    visibility_timeout_s: int = Field(
+        3600, gt=0, description="broker redelivery of unacked messages: the last resort"
+    )
+    result_expires_s: int = Field(86_400, gt=0)
+    delta_flush_ms: int = Field(
+        0, ge=0, description="coalesce consecutive deltas within this window; 0 = off"
+    )
 
     @field_validator("redis_url", "broker_url", "result_backend")
     @classmethod

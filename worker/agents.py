@@ -9,6 +9,7 @@ a model names the environment variable that holds it (``api_key_env``), read at 
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -23,7 +24,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from worker.errors import ConfigError
 from worker.retry import BackoffPolicy
 
-_UNITS_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# Whole milliseconds per unit: summing in ms and dividing once keeps "9ms" exactly 9/1000
+# (9 * 0.001 is not), so format_duration and parse_duration round-trip.
+_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 
 
@@ -42,10 +45,12 @@ def parse_duration(value: Any) -> float:
         parts = _DURATION_PART.findall(text)
         if not parts or "".join(n + u for n, u in parts) != text:
             raise ValueError(f"expected a duration such as 200ms, 30s or 1m, got {value!r}")
-        seconds = sum(float(n) * _UNITS_S[u] for n, u in parts)
+        seconds = sum(float(n) * _UNITS_MS[u] for n, u in parts) / 1000
     else:
         raise ValueError(f"expected a duration such as 200ms, 30s or 1m, got {value!r}")
-    if seconds < 0 or seconds != seconds:
+    if not math.isfinite(seconds):
+        raise ValueError(f"a duration must be finite, got {value!r}")
+    if seconds < 0:
         raise ValueError(f"a duration cannot be negative, got {value!r}")
     return seconds
 

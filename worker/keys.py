@@ -13,6 +13,7 @@ key                       type        what
 ``{p}:control``           channel     cancellations, for the worker running the job
 ``{p}:lease:{job}``       string      the running worker's lease (short TTL, renewed)
 ``{p}:running``           hash        job id -> the job, for re-enqueueing lost jobs
+``{p}:result:{job}``      string      the job's result (JSON), TTL = result expiry
 ========================  ==========  ================================================
 
 Pub/sub channels ignore Redis database numbers, so the prefix is what keeps two
@@ -51,3 +52,6 @@ class Keys:
 
     def running(self) -> str:
         return f"{self.prefix}:running"
+
+    def result(self, job_id: str) -> str:
+        return f"{self.prefix}:result:{job_id}"

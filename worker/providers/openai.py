@@ -86,8 +86,52 @@ def build_body(model: ModelRef, request: ProviderRequest) -> dict[str, Any]:
     return body
 
 
+def _shape_error(what: str) -> FatalError:
+    return FatalError(f"unexpected chunk shape: {what}")
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    """``value`` as a JSON object; None counts as empty (OpenAI sends ``"delta": null``)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _shape_error(f"{what} is not an object")
+    return value
+
+
+def _optional_str(value: Any, what: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise _shape_error(f"{what} is not a string")
+
+
+def _count(value: Any, what: str) -> int:
+    """A token count or an index: a non-negative integer (None counts as 0)."""
+    if value is None:
+        return 0
+    # Some OpenAI-compatible servers send counts as floats (12.0): whole ones are fine.
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _shape_error(f"{what} is not a non-negative integer")
+    return value
+
+
+def _tool_call_piece(piece: Any) -> ToolCallPiece:
+    piece = _object(piece, "a tool call")
+    function = _object(piece.get("function"), "a tool call's function")
+    return ToolCallPiece(
+        index=_count(piece.get("index"), "a tool call's index"),
+        id=_optional_str(piece.get("id"), "a tool call's id"),
+        name=_optional_str(function.get("name"), "a tool call's name"),
+        arguments=_optional_str(function.get("arguments"), "a tool call's arguments") or "",
+    )
+
+
 def parse_chunk(data: str, *, now_s: float, secrets: tuple[str, ...]) -> Iterator[Delta]:
     """The deltas of one ``data:`` payload.
+
+    The payload is checked before anything is yielded, so a malformed chunk yields nothing.
 
     Raises:
         FatalError: the payload is not a chunk (malformed JSON or shape).
@@ -98,7 +142,7 @@ def parse_chunk(data: str, *, now_s: float, secrets: tuple[str, ...]) -> Iterato
         return
     try:
         chunk = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise FatalError("malformed JSON in the event stream") from None
     if not isinstance(chunk, dict):
         raise FatalError("unexpected event in the stream: not a JSON object")
@@ -106,35 +150,32 @@ def parse_chunk(data: str, *, now_s: float, secrets: tuple[str, ...]) -> Iterato
         raise classify_stream_error(chunk, now_s=now_s, secrets=secrets)
     choices = chunk.get("choices") or []
     if not isinstance(choices, list):
-        raise FatalError("unexpected chunk shape: choices is not a list")
+        raise _shape_error("choices is not a list")
+    deltas: list[Delta] = []
     for choice in choices:
-        if not isinstance(choice, dict):
-            raise FatalError("unexpected chunk shape: a choice is not an object")
-        delta = choice.get("delta") or {}
-        content = delta.get("content")
-        if isinstance(content, str) and content:
-            yield Delta(text=content)
-        for piece in delta.get("tool_calls") or []:
-            function = piece.get("function") or {}
-            yield Delta(
-                tool_call=ToolCallPiece(
-                    index=int(piece.get("index", 0)),
-                    id=piece.get("id"),
-                    name=function.get("name"),
-                    arguments=function.get("arguments") or "",
-                )
-            )
+        choice = _object(choice, "a choice")
+        delta = _object(choice.get("delta"), "a choice's delta")
+        content = _optional_str(delta.get("content"), "a delta's content")
+        if content:
+            deltas.append(Delta(text=content))
+        pieces = delta.get("tool_calls") or []
+        if not isinstance(pieces, list):
+            raise _shape_error("tool_calls is not a list")
+        deltas += [Delta(tool_call=_tool_call_piece(piece)) for piece in pieces]
         reason = choice.get("finish_reason")
         if isinstance(reason, str):
-            yield Delta(finish_reason=_FINISH.get(reason, reason))
+            deltas.append(Delta(finish_reason=_FINISH.get(reason, reason)))
     usage = chunk.get("usage")
     if isinstance(usage, dict):
-        yield Delta(
-            usage=Usage(
-                input_tokens=int(usage.get("prompt_tokens") or 0),
-                output_tokens=int(usage.get("completion_tokens") or 0),
+        deltas.append(
+            Delta(
+                usage=Usage(
+                    input_tokens=_count(usage.get("prompt_tokens"), "usage.prompt_tokens"),
+                    output_tokens=_count(usage.get("completion_tokens"), "usage.completion_tokens"),
+                )
             )
         )
+    yield from deltas
 
 
 class OpenAIProvider:

@@ -1,0 +1,53 @@
+"""The task base class: a lazily built, per-process :class:`~worker.service.Service`."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from celery import Task
+
+from settings import Settings, get_settings
+from worker.runtime import build_runtime
+from worker.service import Service
+
+
+class RelieverTask(Task[Any, Any]):
+    """Holds the process's service; built on first use, after any fork."""
+
+    _service: Service | None = None
+    _service_lock = threading.Lock()
+
+    @property
+    def service(self) -> Service:
+        if self._service is None:
+            with self._service_lock:
+                if self._service is None:
+                    settings: Settings = getattr(self.app, "settings", None) or get_settings()
+                    service = Service(build_runtime(settings), enqueue=self.requeue)
+                    service.start()
+                    self._service = service
+        return self._service
+
+    def requeue(self, message: dict[str, Any]) -> None:
+        """Send a job message again, under its job id, to the job queue."""
+        self.app.send_task(
+            self.name,
+            args=(message,),
+            task_id=message["job_id"],
+            argsrepr=argsrepr(message),
+            kwargsrepr="{}",
+        )
+
+    def shutdown(self) -> None:
+        if self._service is not None:
+            self._service.stop()
+            self._service.runtime.close()
+            self._service = None
+
+
+def argsrepr(message: Any) -> str:
+    """What Flower and the logs show of a job: its id and agent, never its messages."""
+    if isinstance(message, dict):
+        return f"(job_id={message.get('job_id')!r}, agent={message.get('agent')!r})"
+    return "(invalid job)"

@@ -1,0 +1,81 @@
+"""The Celery app (``celery -A worker worker`` finds ``app`` here).
+
+Configured from :class:`~settings.Settings`: Redis broker and result backend, JSON only,
+late acks with ``task_reject_on_worker_lost``, prefetch 1, a long visibility timeout (the
+last resort; lost workers are detected by job leases, see ``worker.lease``), task events
+on for Flower, result expiry, and broker retries at start-up.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, signals
+
+from settings import Settings, get_settings
+from worker.observability import configure_logging
+
+TASK_NAME = "reliever.complete"
+
+
+class RelieverCelery(Celery):
+    """A Celery app that remembers the settings it was built from."""
+
+    settings: Settings
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery's configuration (lowercase names) for ``settings``."""
+    visibility = {"visibility_timeout": settings.visibility_timeout_s}
+    return {
+        "broker_url": settings.broker_url,
+        "result_backend": settings.result_backend,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "broker_transport_options": visibility,
+        "result_backend_transport_options": visibility,
+        "visibility_timeout": settings.visibility_timeout_s,
+        "broker_connection_retry_on_startup": True,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": True,
+        "result_expires": settings.result_expires_s,
+        "task_default_queue": settings.queue,
+        "task_routes": {TASK_NAME: {"queue": settings.queue}},
+        "worker_hijack_root_logger": False,
+    }
+
+
+def create_app(settings: Settings) -> RelieverCelery:
+    app = RelieverCelery("reliever", include=["tasks.complete"])
+    app.settings = settings
+    app.conf.update(celery_config(settings))
+    return app
+
+
+@signals.setup_logging.connect
+def _setup_logging(**_: Any) -> None:
+    configure_logging(get_settings())
+
+
+@signals.worker_ready.connect
+def _start_background(sender: Any = None, **_: Any) -> None:
+    """Idle workers reap lost jobs and listen for cancels too, not only busy ones."""
+    consumer_app = getattr(sender, "app", None)
+    if consumer_app is not None and TASK_NAME in consumer_app.tasks:
+        consumer_app.tasks[TASK_NAME].service  # noqa: B018 - builds and starts it
+
+
+@signals.worker_shutdown.connect
+def _stop_background(sender: Any = None, **_: Any) -> None:
+    consumer_app = getattr(sender, "app", None)
+    if consumer_app is not None and TASK_NAME in consumer_app.tasks:
+        consumer_app.tasks[TASK_NAME].shutdown()
+
+
+app = create_app(get_settings())

@@ -1,0 +1,136 @@
+"""Leases: which worker runs a job right now, and finding jobs whose worker died.
+
+A job runs under ``{p}:lease:{job}``, a random token set with ``NX`` and a short TTL that a
+per-process keeper thread renews (compare-and-``PEXPIRE``). While the lease lives, a
+redelivered copy of the job's message is dropped: a job never runs twice at once. The
+job is also listed in the ``{p}:running`` hash (job id -> its message) until it ends.
+
+Every worker process runs a reaper: a job listed as running whose lease has lapsed lost
+its worker (SIGKILL, OOM, a lost machine). The first reaper to remove it from the hash
+(atomically, in Lua) re-enqueues it, so it restarts within about ``ttl + interval``
+seconds instead of waiting out the broker's visibility timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from worker.keys import Keys
+
+log = logging.getLogger(__name__)
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('HDEL', KEYS[2], ARGV[2])
+  return 1
+end
+return 0
+"""
+_CLAIM_LOST = """
+if redis.call('EXISTS', KEYS[1]) == 0 and redis.call('HDEL', KEYS[2], ARGV[1]) == 1 then
+  return 1
+end
+return 0
+"""
+
+
+class Leases:
+    """Acquire, renew and release job leases; one instance per worker process.
+
+    Args:
+        client: Redis.
+        keys: the key space.
+        ttl_s: the lease's lifetime; renewed every ``ttl_s / 3``.
+    """
+
+    def __init__(self, client: redis.Redis, keys: Keys, *, ttl_s: float) -> None:
+        self._redis = client
+        self._keys = keys
+        self.ttl_s = ttl_s
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+        self._claim = client.register_script(_CLAIM_LOST)
+        self._held: dict[str, tuple[str, Callable[[], None]]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(
+        self, job_id: str, message: dict[str, Any], on_lost: Callable[[], None]
+    ) -> str | None:
+        """Take the job's lease and list it as running; None when a live run holds it.
+
+        ``on_lost`` runs (in the keeper thread) if the lease is ever found taken over.
+        """
+        token = uuid.uuid4().hex
+        ok = self._redis.set(self._keys.lease(job_id), token, nx=True, px=round(self.ttl_s * 1000))
+        if not ok:
+            return None
+        self._redis.hset(self._keys.running(), job_id, json.dumps(message))
+        with self._lock:
+            self._held[job_id] = (token, on_lost)
+        return token
+
+    def release(self, job_id: str, token: str) -> None:
+        with self._lock:
+            self._held.pop(job_id, None)
+        self._release(keys=[self._keys.lease(job_id), self._keys.running()], args=[token, job_id])
+
+    def renew_all(self) -> None:
+        """Renew every lease this process holds; call ``on_lost`` for those taken over."""
+        with self._lock:
+            held = list(self._held.items())
+        for job_id, (token, on_lost) in held:
+            renewed = self._renew(
+                keys=[self._keys.lease(job_id)], args=[token, round(self.ttl_s * 1000)]
+            )
+            if not renewed:
+                log.warning("job %s: lease lost to another worker; stopping this run", job_id)
+                with self._lock:
+                    self._held.pop(job_id, None)
+                on_lost()
+
+    def claim_lost(self) -> list[dict[str, Any]]:
+        """Remove and return the messages of running jobs whose lease lapsed."""
+        lost = []
+        for job_id_raw, message in self._redis.hscan_iter(self._keys.running()):
+            job_id = job_id_raw.decode() if isinstance(job_id_raw, bytes) else str(job_id_raw)
+            if self._claim(keys=[self._keys.lease(job_id), self._keys.running()], args=[job_id]):
+                lost.append(json.loads(message))
+        return lost
+
+    def start(self, *, on_tick: Callable[[], None] | None = None) -> None:
+        """Start the keeper thread: renew every ``ttl/3`` and run ``on_tick`` (the reaper)."""
+        if self._thread is not None:
+            return
+
+        def loop() -> None:
+            while not self._stop.wait(self.ttl_s / 3):
+                try:
+                    self.renew_all()
+                    if on_tick is not None:
+                        on_tick()
+                except redis.RedisError as exc:
+                    log.warning("lease keeper: Redis error %s; retrying", type(exc).__name__)
+
+        self._thread = threading.Thread(target=loop, name="reliever-leases", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)

@@ -1,0 +1,161 @@
+"""Running one job on a worker: everything around the executor, nothing Celery-specific.
+
+For each delivered job message :meth:`Service.run`:
+
+1. takes the job id (the message's, else the task id), and returns the stored result if
+   the job already ended (a redelivery after the result was written calls no model);
+2. validates the job and its agent; a bad one ends at once with ``failed``
+   (``invalid_job`` / ``unknown_agent``) and is never retried;
+3. takes the job's lease; if a live run holds it, the message is a duplicate and is
+   dropped (returns None);
+4. publishes ``restarted`` (``discard: true``) when the job had published before (it is
+   a rerun after a lost worker), runs the executor with the Redis event sink, stores the
+   result and releases the lease.
+
+The per-process background work lives here too: renewing leases, re-enqueueing jobs
+whose worker died (the reaper), and the cancel listener.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable
+from typing import Any
+
+from worker.control import CancelListener
+from worker.errors import InvalidJob, JobError, UnknownAgent
+from worker.events import Event, EventSink
+from worker.jobs import JOB_ID_PATTERN, parse_job
+from worker.lease import Leases
+from worker.redis_events import LeaseLost, RedisEventLog
+from worker.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+_JOB_ID = re.compile(JOB_ID_PATTERN)
+
+Progress = Callable[[Event], None]
+Enqueue = Callable[[dict[str, Any]], None]
+
+
+class ProgressSink:
+    """Forwards events, and reports each ``attempt`` (model, attempt number) to ``progress``."""
+
+    def __init__(self, inner: EventSink, progress: Progress) -> None:
+        self._inner = inner
+        self._progress = progress
+
+    def emit(self, body: Event) -> Event:
+        event = self._inner.emit(body)
+        if body["type"] == "attempt":
+            self._progress(event)
+        return event
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def job_id_of(raw: Any, task_id: str) -> str:
+    """The job's id: the one in the message when it is usable, else the task's."""
+    if isinstance(raw, dict):
+        candidate = raw.get("job_id")
+        if isinstance(candidate, str) and _JOB_ID.match(candidate):
+            return candidate
+    return task_id
+
+
+class Service:
+    """A worker process's job runner and background duties.
+
+    Args:
+        runtime: the process's runtime.
+        enqueue: sends a job message to the queue again (used by the reaper).
+    """
+
+    def __init__(self, runtime: Runtime, enqueue: Enqueue) -> None:
+        self.runtime = runtime
+        settings = runtime.settings
+        self.leases = Leases(runtime.redis, runtime.keys, ttl_s=settings.lease_ttl_s)
+        self.cancels = CancelListener(runtime.redis, runtime.keys)
+        self._enqueue = enqueue
+
+    def start(self) -> None:
+        """Start the cancel listener and the lease keeper (which also reaps)."""
+        self.cancels.start()
+        self.leases.start(on_tick=self.reap)
+
+    def stop(self) -> None:
+        self.leases.stop()
+        self.cancels.stop()
+
+    def reap(self) -> None:
+        """Re-enqueue the jobs whose worker died (their lease lapsed before they ended)."""
+        for message in self.leases.claim_lost():
+            log.warning("job %s lost its worker; re-enqueueing it", message.get("job_id"))
+            self._enqueue(message)
+
+    def run(
+        self, raw: Any, *, task_id: str, progress: Progress | None = None
+    ) -> dict[str, Any] | None:
+        """Run one delivered job message; None when it was a duplicate and was dropped."""
+        rt = self.runtime
+        job_id = job_id_of(raw, task_id)
+        stored = rt.redis.get(rt.keys.result(job_id))
+        if stored is not None:
+            log.info("job %s already ended; returning its stored result", job_id)
+            result: dict[str, Any] = json.loads(stored)
+            return result
+        message = {**raw, "job_id": job_id} if isinstance(raw, dict) else raw
+        try:
+            job = parse_job(message, max_bytes=rt.settings.max_job_bytes)
+            agent = rt.agents.get(job.agent)
+            if agent is None:
+                raise UnknownAgent(f"agent {job.agent!r} is not defined in the agents file")
+        except (InvalidJob, UnknownAgent) as exc:
+            return self._reject(job_id, exc)
+
+        cancel = self.cancels.register(job_id)
+        token = self.leases.acquire(job_id, message, on_lost=cancel.cancel)
+        if token is None:
+            self.cancels.unregister(job_id)
+            log.info("job %s is running elsewhere; dropping this delivery", job_id)
+            return None
+        sink = RedisEventLog(
+            rt.redis,
+            rt.keys,
+            job_id,
+            rt.clock,
+            ttl_s=rt.settings.event_ttl,
+            lease_token=token,
+            flush_window_s=rt.settings.delta_flush_ms / 1000.0,
+        )
+        try:
+            if sink.last_seq > 0:
+                sink.emit({"type": "restarted", "discard": True})
+            events: EventSink = sink if progress is None else ProgressSink(sink, progress)
+            outcome = rt.executor.run(job, agent, events, cancel=cancel)
+            sink.close()
+            result = outcome.result()
+            self._store(job_id, result)
+            return result
+        except LeaseLost:
+            log.warning("job %s: another worker took it over; this run stops", job_id)
+            return None
+        finally:
+            self.cancels.unregister(job_id)
+            self.leases.release(job_id, token)
+
+    def _reject(self, job_id: str, error: JobError) -> dict[str, Any]:
+        rt = self.runtime
+        sink = RedisEventLog(rt.redis, rt.keys, job_id, rt.clock, ttl_s=rt.settings.event_ttl)
+        event = sink.emit({"type": "failed", "error": error.info(), "attempts": []})
+        result = {k: v for k, v in event.items() if k not in ("seq", "ts", "type")}
+        result["status"] = "failed"
+        self._store(job_id, result)
+        return result
+
+    def _store(self, job_id: str, result: dict[str, Any]) -> None:
+        rt = self.runtime
+        rt.redis.set(rt.keys.result(job_id), json.dumps(result), ex=rt.settings.result_expires_s)
