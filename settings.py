@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(
         3600, gt=0, description="broker redelivery of unacked messages: the last resort"
     )
+    unacked_restore_interval_s: int = Field(
+        10, gt=0, description="how often a worker sweeps unacked messages past the timeout"
+    )
     result_expires_s: int = Field(86_400, gt=0)
     delta_flush_ms: int = Field(
         0, ge=0, description="coalesce consecutive deltas within this window; 0 = off"

@@ -27,6 +27,11 @@ class RelieverCelery(Celery):
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery's configuration (lowercase names) for ``settings``."""
     visibility = {"visibility_timeout": settings.visibility_timeout_s}
+    broker_options = {
+        **visibility,
+        "unacked_restore_interval": settings.unacked_restore_interval_s,
+        "unacked_restore_throttle": 1,
+    }
     return {
         "broker_url": settings.broker_url,
         "result_backend": settings.result_backend,
@@ -37,7 +42,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "broker_transport_options": visibility,
+        "broker_transport_options": broker_options,
         "result_backend_transport_options": visibility,
         "visibility_timeout": settings.visibility_timeout_s,
         "broker_connection_retry_on_startup": True,

@@ -1,0 +1,106 @@
+"""Real ``celery worker`` subprocesses for service tests, started as the Procfile does."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+READY_TIMEOUT_S = 30.0
+
+
+class WorkerProcess:
+    """A running worker; its output lines are collected for assertions and diagnosis."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        self._lines: queue.Queue[str] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if " ready." in line:
+                self.ready.set()
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker, as when a container is killed."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self._reader.join(timeout=5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
+def write_agents(path: Path, doc: Mapping[str, object]) -> Path:
+    path.write_text(yaml.safe_dump(dict(doc)), encoding="utf-8")
+    return path
+
+
+def worker_env(
+    *, redis_url: str, prefix: str, queue_name: str, agents_file: Path, **extra: str
+) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELIEVER_")}
+    env.update(
+        RELIEVER_ENVIRONMENT="test",
+        RELIEVER_REDIS_URL=redis_url,
+        RELIEVER_KEY_PREFIX=prefix,
+        RELIEVER_QUEUE=queue_name,
+        RELIEVER_AGENTS_FILE=str(agents_file),
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+@contextmanager
+def running_worker(
+    env: Mapping[str, str], *, name: str, concurrency: int = 4
+) -> Iterator[WorkerProcess]:
+    """A ``celery -A worker worker`` (threads pool, task events on), ready to consume."""
+    cmd = [
+        sys.executable, "-m", "celery", "-A", "worker", "worker",
+        "--pool", "threads", "--concurrency", str(concurrency),
+        "--prefetch-multiplier", "1", "-E", "--loglevel", "INFO",
+        "--hostname", f"{name}@%h", "--without-mingle", "--without-gossip",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=dict(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    worker = WorkerProcess(proc)
+    try:
+        if not worker.ready.wait(READY_TIMEOUT_S):
+            raise RuntimeError(f"worker {name} did not become ready:\n{worker.output()}")
+        yield worker
+    finally:
+        worker.stop()
