@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     if "RELIEVER_AGENTS_FILE" not in env and not (ROOT / "agents.yaml").exists():
         env["RELIEVER_AGENTS_FILE"] = str(DEMO_AGENTS)
+    env.setdefault("RELIEVER_FLOWER_PORT", "5555")
     os.environ.update(env)
     settings = Settings()
     problem = ensure_redis(settings.redis_url)
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             results = run_demo(client)
             user = settings.flower_basic_auth.get_secret_value().split(":", 1)[0]
             print(
-                f"\nFlower: http://127.0.0.1:{env.get('PORT', '5555')} (user {user!r}, "
+                f"\nFlower: http://127.0.0.1:{env['RELIEVER_FLOWER_PORT']} (user {user!r}, "
                 "password from RELIEVER_FLOWER_BASIC_AUTH)"
             )
             if not args.exit_after_demo:
