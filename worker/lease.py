@@ -26,6 +26,13 @@ from worker.keys import Keys
 
 log = logging.getLogger(__name__)
 
+_ACQUIRE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+  return 1
+end
+return 0
+"""
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -61,6 +68,7 @@ class Leases:
         self._redis = client
         self._keys = keys
         self.ttl_s = ttl_s
+        self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
         self._claim = client.register_script(_CLAIM_LOST)
@@ -77,10 +85,14 @@ class Leases:
         ``on_lost`` runs (in the keeper thread) if the lease is ever found taken over.
         """
         token = uuid.uuid4().hex
-        ok = self._redis.set(self._keys.lease(job_id), token, nx=True, px=round(self.ttl_s * 1000))
+        # One script, so that no crash can leave a lease without its running entry
+        # (such a job would wait out the broker's visibility timeout).
+        ok = self._acquire(
+            keys=[self._keys.lease(job_id), self._keys.running()],
+            args=[token, round(self.ttl_s * 1000), job_id, json.dumps(message)],
+        )
         if not ok:
             return None
-        self._redis.hset(self._keys.running(), job_id, json.dumps(message))
         with self._lock:
             self._held[job_id] = (token, on_lost)
         return token
