@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from worker.mockllm.anthropic import AnthropicDialect
 from worker.mockllm.dialect import Dialect, Frame
+from worker.mockllm.gemini import GeminiDialect
 from worker.mockllm.openai import OpenAIDialect
 from worker.mockllm.scenarios import (
     Cut,
@@ -88,7 +90,9 @@ class MockLLM:
     def __init__(
         self, host: str = "127.0.0.1", port: int = 0, dialects: Sequence[Dialect] | None = None
     ) -> None:
-        self.dialects: list[Dialect] = list(dialects or [OpenAIDialect()])
+        self.dialects: list[Dialect] = list(
+            dialects or [OpenAIDialect(), AnthropicDialect(), GeminiDialect()]
+        )
         self._lock = threading.Lock()
         self._scenarios: dict[str, Scenario] = {}
         self._cursor: Counter[str] = Counter()
