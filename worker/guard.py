@@ -8,7 +8,9 @@ goes through :class:`GuardedBackend`, whose streams consult the calling thread's
 * each read waits at most until the nearest budget runs out (first token, idle gap,
   the attempt's total, the job's deadline), then raises that budget's error;
 * :meth:`StreamGuard.interrupt` (called when the job is cancelled, from any thread) shuts
-  the socket down, which wakes the blocked read at once.
+  the socket down, which wakes the blocked read at once;
+* a TCP connect, which nothing can wake, is made non-blocking and polled: a cancellation
+  or the deadline stops it within ``CONNECT_POLL_S`` instead of after the connect timeout.
 
 Either way the exception unwinds through httpcore, which closes the connection instead of
 returning it to the pool: a timed-out or cancelled request is really closed upstream.
@@ -18,19 +20,27 @@ Durations are seconds.
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
+import select
 import socket
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import httpcore
 import httpx
+from httpcore._backends.sync import SyncStream
 
 from worker.clock import CancelToken, Clock
 from worker.errors import Cancelled, DeadlineExceeded, ProviderTimeout, RelieverError
 
 _local = threading.local()
+
+CONNECT_POLL_S = 0.05
+"""How often a connect in progress looks at the job's cancel token and deadline."""
 
 
 class StreamGuard:
@@ -190,6 +200,62 @@ class GuardedStream(httpcore.NetworkStream):
         return self._inner.get_extra_info(info)
 
 
+def _connect_watching(
+    guard: StreamGuard,
+    host: str,
+    port: int,
+    timeout: float | None,
+    local_address: str | None,
+    socket_options: Iterable[Any],
+) -> socket.socket:
+    """``socket.create_connection``, polled so that :meth:`StreamGuard.check` can stop it.
+
+    Raises:
+        httpcore.ConnectTimeout: no connection within ``timeout`` (wall-clock seconds,
+            as a socket timeout is).
+        httpcore.ConnectError: every address refused or failed.
+        RelieverError: the guard's cancellation or deadline, raised by ``guard.check``.
+    """
+    ends_at = None if timeout is None else time.monotonic() + timeout
+    last: OSError | None = None
+    with httpcore._exceptions.map_exceptions(
+        {TimeoutError: httpcore.ConnectTimeout, OSError: httpcore.ConnectError}
+    ):
+        for family, kind, proto, _, address in socket.getaddrinfo(
+            host, port, 0, socket.SOCK_STREAM
+        ):
+            sock = socket.socket(family, kind, proto)
+            try:
+                if local_address is not None:
+                    sock.bind((local_address, 0))
+                sock.setblocking(False)
+                code = sock.connect_ex(address)
+                while code in (errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK):
+                    guard.check()
+                    left = CONNECT_POLL_S if ends_at is None else ends_at - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError("timed out")
+                    _, writable, _ = select.select([], [sock], [], min(left, CONNECT_POLL_S))
+                    if writable:
+                        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if code:
+                    raise OSError(code, os.strerror(code))
+                sock.settimeout(None)
+                for option in socket_options:
+                    sock.setsockopt(*option)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                return sock
+            except OSError as exc:
+                sock.close()
+                if isinstance(exc, TimeoutError):
+                    raise
+                last = exc
+            except BaseException:
+                sock.close()
+                raise
+        raise last or OSError(f"no address for {host}")
+
+
 class GuardedBackend(httpcore.NetworkBackend):
     """httpcore's sync backend, handing out :class:`GuardedStream` connections."""
 
@@ -205,12 +271,17 @@ class GuardedBackend(httpcore.NetworkBackend):
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.NetworkStream:
         guard = current_guard()
-        if guard is not None:
-            guard.check()
-            left = guard.seconds_left()
-            timeout = left if timeout is None else min(timeout, left)
-        stream = self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
-        return GuardedStream(stream)
+        if guard is None or not isinstance(self._inner, httpcore.SyncBackend):
+            return GuardedStream(
+                self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+            )
+        guard.check()
+        left = guard.seconds_left()
+        timeout = left if timeout is None else min(timeout, left)
+        # A blocking connect cannot be woken by a cancellation, so connect ourselves and
+        # poll; the socket then goes into httpcore's own sync stream, as its backend does.
+        sock = _connect_watching(guard, host, port, timeout, local_address, socket_options or ())
+        return GuardedStream(SyncStream(sock))
 
     def connect_unix_socket(
         self,
