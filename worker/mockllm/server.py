@@ -5,14 +5,21 @@ wire shows: a cut is a socket shut mid-body, a stall is a server that says nothi
 and the demo script it per model name (:meth:`MockLLM.script`, or over HTTP with
 ``PUT /_mock/scenarios/{model}``); ``GET /_mock/requests`` returns per-model request counts
 and the recorded requests, API keys masked. By default it streams a plausible answer.
+
+While it waits (a stall, an idle gap, a slow stream) the server watches the client's socket,
+so a client that gives up is seen at once: :meth:`MockLLM.hangups` counts, per model, the
+responses the client closed before their end, which is how tests prove that a timeout or
+a cancellation really closed the upstream request.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import select
 import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +47,11 @@ from worker.mockllm.scenarios import (
 )
 
 SECRET_HEADERS = frozenset({"authorization", "x-api-key", "x-goog-api-key"})
+_WATCH_INTERVAL_S = 0.01
+
+
+class _ClientGone(Exception):
+    """The client closed its connection before the response ended."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +109,8 @@ class MockLLM:
         self._scenarios: dict[str, Scenario] = {}
         self._cursor: Counter[str] = Counter()
         self._counts: Counter[str] = Counter()
+        self._hangups: Counter[str] = Counter()
+        self._hangup = threading.Condition(self._lock)
         self.requests: list[RecordedRequest] = []
         self.stopping = threading.Event()
         self._server = _Server((host, port), _Handler)
@@ -148,12 +162,28 @@ class MockLLM:
             self._scenarios.clear()
             self._cursor.clear()
             self._counts.clear()
+            self._hangups.clear()
             self.requests.clear()
 
     def count(self, model: str) -> int:
         """How many requests named ``model``."""
         with self._lock:
             return self._counts[model]
+
+    def hangups(self, model: str) -> int:
+        """How many responses for ``model`` the client closed before their end."""
+        with self._lock:
+            return self._hangups[model]
+
+    def wait_for_hangups(self, model: str, count: int = 1, *, timeout_s: float = 2.0) -> bool:
+        """Block until the client closed ``count`` responses for ``model``; False on timeout."""
+        with self._hangup:
+            return self._hangup.wait_for(lambda: self._hangups[model] >= count, timeout_s)
+
+    def _hung_up(self, model: str) -> None:
+        with self._hangup:
+            self._hangups[model] += 1
+            self._hangup.notify_all()
 
     def _take(self, model: str, record: RecordedRequest) -> Step:
         with self._lock:
@@ -204,6 +234,8 @@ class _Handler(BaseHTTPRequestHandler):
     # it back until the client's delayed ACK (about 40 ms), which is no upstream's behaviour.
     disable_nagle_algorithm = True
     server: _Server
+    # The model whose response is being served, for hang-up counts.
+    _model: str | None = None
 
     def log_message(self, format: str, *args: Any) -> None:
         """Quiet: tests and the demo read the recorded requests instead."""
@@ -223,8 +255,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         try:
             self._handle(method)
-        except (TimeoutError, BrokenPipeError, ConnectionResetError):
+        except (TimeoutError, BrokenPipeError, ConnectionResetError, _ClientGone):
             self.close_connection = True
+            if self._model is not None:
+                self.server.mock._hung_up(self._model)
 
     def _read_body(self) -> Any:
         length = int(self.headers.get("content-length") or 0)
@@ -237,6 +271,7 @@ class _Handler(BaseHTTPRequestHandler):
             return ...
 
     def _handle(self, method: str) -> None:
+        self._model = None
         mock = self.server.mock
         path = self.path.split("?", 1)[0]
         body = self._read_body()
@@ -259,6 +294,7 @@ class _Handler(BaseHTTPRequestHandler):
             for k, v in self.headers.items()
         }
         step = mock._take(model, RecordedRequest(path, model, dialect.name, headers, body))
+        self._model = model
         self._serve(dialect, step, model, body)
 
     def _json(self, status: int, payload: Any, headers: Mapping[str, str] | None = None) -> None:
@@ -277,8 +313,33 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _wait(self, seconds: float) -> bool:
-        """Sleep unless the server is stopping; False when it is."""
-        return not self.server.mock.stopping.wait(seconds)
+        """Wait ``seconds`` watching the client; False when the server is stopping.
+
+        Raises:
+            _ClientGone: the client closed the connection meanwhile.
+        """
+        stopping = self.server.mock.stopping
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            if stopping.is_set():
+                return False
+            step_s = min(left, _WATCH_INTERVAL_S)
+            readable, _, _ = select.select([self.connection], [], [], step_s)
+            if readable and self._peer_closed():
+                raise _ClientGone
+            if readable:
+                # Bytes from a client mid-response (it should send none): don't spin on them.
+                stopping.wait(step_s)
+        return not stopping.is_set()
+
+    def _peer_closed(self) -> bool:
+        try:
+            peeked: bytes = self.connection.recv(1, socket.MSG_PEEK)
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except BlockingIOError:
+            return False
+        return not peeked
 
     def _serve(self, dialect: Dialect, step: Step, model: str, body: dict[str, Any]) -> None:
         if isinstance(step, Status):
