@@ -416,8 +416,19 @@ def test_chain_429_speaking_of_tokens_per_min_is_a_rate_limit(
     make_executor().run(job, agent(), sink)
     failed = make_executor().run(alone, agent(fallbacks=()), alone_sink)
 
-    assert shape(sink.events)[2] == ("fallback", "primary", "backup", "rate_limited", False)
-    assert failed.terminal["error"]["kind"] == "model_failed"
+    assert shape(sink.events) == [
+        ("started", "primary", False),
+        ("attempt", 1, "primary", 1, 3, False),
+        ("fallback", "primary", "backup", "rate_limited", False),
+        ("attempt", 2, "backup", 1, 3, True),
+        *said(2, B),
+        ("completed", "backup", B, True),
+    ]
+    assert shape(alone_sink.events) == [
+        ("started", "primary", False),
+        ("attempt", 1, "primary", 1, 3, False),
+        ("failed", "model_failed"),
+    ]
     assert failed.terminal["attempts"][0]["outcome"] == "rate_limited"
 
 
@@ -998,9 +1009,13 @@ def test_chain_deadline_stops_a_slow_stream_and_closes_upstream(
     outcome = make_executor(clock_=system).run(job, agent(), sink)
 
     elapsed = time.monotonic() - began
+    events = shape(sink.events)
     assert outcome.terminal["error"]["kind"] == "deadline_exceeded"
     assert 0.3 <= elapsed < 0.55
-    assert shape(sink.events)[-1] == ("failed", "deadline_exceeded")
+    assert events[:2] == [("started", "primary", False), ("attempt", 1, "primary", 1, 3, False)]
+    assert 1 <= len(events[2:-1]) < 60
+    assert events[2:-1] == said(1, words)[: len(events) - 3]
+    assert events[-1] == ("failed", "deadline_exceeded")
     assert mock.wait_for_hangups("primary", timeout_s=1.0)
     assert mock.count("backup") == 0
 
@@ -1137,15 +1152,25 @@ def test_chain_total_timeout_closes_a_slow_but_steady_stream(
     outcome = make_executor(clock_=system).run(job, agents.agents["support"], sink)
 
     assert time.monotonic() - began < 1.0
-    fallback = next(e for e in sink.events if e["type"] == "fallback")
-    assert (fallback["reason"], fallback["discard"]) == ("timeout", True)
+    events = shape(sink.events)
+    cut = next(i for i, e in enumerate(events) if e[0] == "fallback")
+    assert events[:2] == [("started", "primary", False), ("attempt", 1, "primary", 1, 1, False)]
+    assert 1 <= len(events[2:cut]) < 40
+    assert events[2:cut] == said(1, words)[: cut - 2]
+    assert events[cut:] == [
+        ("fallback", "primary", "backup", "timeout", True),
+        ("attempt", 2, "backup", 1, 1, True),
+        *said(2, B),
+        ("completed", "backup", B, True),
+    ]
+    fallback = sink.events[cut]
     assert "total timeout" in fallback["error"]["message"]
     assert outcome.terminal["text"] == B
     assert mock.wait_for_hangups("primary", timeout_s=1.0)
 
 
 @pytest.mark.parametrize(
-    ("step", "kind", "status", "message"),
+    ("step", "status", "message", "published"),
     [
         pytest.param(
             Status(
@@ -1153,36 +1178,36 @@ def test_chain_total_timeout_closes_a_slow_but_steady_stream(
                 body="<html><body><h1>502 Bad Gateway</h1></body></html>",
                 content_type="text/html",
             ),
-            "retryable",
             502,
             "HTTP 502: an HTML page (50 bytes)",
+            [],
             id="html-502",
         ),
         pytest.param(
             ErrorBody200(),
-            "retryable",
             200,
             "HTTP 200 [server_error]: The server had an error while processing your request.",
+            [],
             id="200-error-body",
         ),
         pytest.param(
-            StreamError(after_chunks=0, error_code="server_error", message="Overloaded"),
-            "retryable",
+            StreamError(after_chunks=1, error_code="server_error", message="Overloaded"),
             None,
             "upstream error [server_error]: Overloaded",
+            [("delta", 1, "Here ")],
             id="in-stream-error",
         ),
         pytest.param(
             NoEndMarker(after_chunks=2),
-            "retryable",
             None,
             "the stream ended without its end marker [DONE]",
+            [("delta", 1, "Here "), ("delta", 1, "is ")],
             id="no-end-marker",
         ),
     ],
 )
 def test_chain_transient_upstream_faults_are_retried(
-    agent, make_job, make_executor, sink_for, mock, clock, step, kind, status, message
+    agent, make_job, make_executor, sink_for, mock, clock, step, status, message, published
 ):
     """An HTML 502, a 200 with an error body, an in-stream error and no [DONE] are retried."""
     mock.script("primary", [step, Reply(text=P)])
@@ -1191,12 +1216,18 @@ def test_chain_transient_upstream_faults_are_retried(
 
     outcome = make_executor().run(job, agent(), sink)
 
-    events = shape(sink.events)
+    assert shape(sink.events) == [
+        ("started", "primary", False),
+        ("attempt", 1, "primary", 1, 3, False),
+        *published,
+        ("retry", 1, "primary", 0.2, "retryable", bool(published)),
+        ("attempt", 2, "primary", 2, 3, False),
+        *said(2, P),
+        ("completed", "primary", P, False),
+    ]
     retry = next(e for e in sink.events if e["type"] == "retry")
-    assert retry["error"]["kind"] == kind
     assert retry["error"].get("status") == status
     assert retry["error"]["message"] == message
-    assert events[-1] == ("completed", "primary", P, False)
     assert outcome.terminal["text"] == P
     assert mock.count("primary") == 2
 
@@ -1356,10 +1387,13 @@ def test_chain_connect_timeout_is_a_timeout_not_a_status(
     outcome = make_executor(clock_=system).run(job, agents.agents["support"], sink)
 
     assert time.monotonic() - began < 1.0
-    assert shape(sink.events)[:3] == [
+    assert shape(sink.events) == [
         ("started", "dead", False),
         ("attempt", 1, "dead", 1, 1, False),
         ("fallback", "dead", "backup", "timeout", False),
+        ("attempt", 2, "backup", 1, 1, True),
+        *said(2, B),
+        ("completed", "backup", B, True),
     ]
     assert outcome.terminal["attempts"][0]["error"] == {
         "kind": "timeout",
@@ -1395,7 +1429,17 @@ def test_chain_api_key_only_in_authorization_header(
 
     outcome = make_executor().run(job, support, sink)
 
-    assert outcome.status == "completed"
+    assert shape(sink.events) == [
+        ("started", "primary", False),
+        ("attempt", 1, "primary", 1, 3, False),
+        ("fallback", "primary", "backup", "fatal", False),
+        ("attempt", 2, "backup", 1, 3, True),
+        ("delta", 2, "Here "),
+        ("retry", 2, "backup", 0.2, "retryable", True),
+        ("attempt", 3, "backup", 2, 3, True),
+        *said(3, B),
+        ("completed", "backup", B, True),
+    ]
     assert key not in json.dumps(sink.events)
     assert "[redacted]" in json.dumps(outcome.terminal["attempts"])
     assert key not in repr(outcome)
@@ -1422,7 +1466,14 @@ def test_chain_missing_key_variable_is_fatal_for_that_model_only(
 
     outcome = make_executor().run(job, agents.agents["support"], sink)
 
-    assert shape(sink.events)[2] == ("fallback", "primary", "backup", "fatal", False)
+    assert shape(sink.events) == [
+        ("started", "primary", False),
+        ("attempt", 1, "primary", 1, 3, False),
+        ("fallback", "primary", "backup", "fatal", False),
+        ("attempt", 2, "backup", 1, 3, True),
+        *said(2, B),
+        ("completed", "backup", B, True),
+    ]
     assert outcome.terminal["attempts"][0]["error"]["message"] == (
         "test-agents.yaml: models.primary.api_key_env: "
         "environment variable UNSET_UPSTREAM_KEY is not set"
