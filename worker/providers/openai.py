@@ -18,7 +18,7 @@ import httpx
 from worker.agents import ModelRef
 from worker.classify import classify_stream_error
 from worker.clock import Clock
-from worker.errors import FatalError, RetryableError
+from worker.errors import FatalError, ProviderError, RetryableError
 from worker.providers.base import (
     Delta,
     ProviderRequest,
@@ -201,13 +201,21 @@ class OpenAIProvider:
         ) as source:
             done = False
             with translated(secrets):
-                for sse in source.iter_sse():
-                    if done:
-                        # Read to the end of the body after the end marker, so the
-                        # connection goes back to the pool instead of being closed.
-                        continue
-                    for delta in parse_chunk(sse.data, now_s=self._clock.time(), secrets=secrets):
-                        done = done or delta.done
-                        yield delta
+                try:
+                    for sse in source.iter_sse():
+                        if done:
+                            # Read to the end of the body after the end marker, so the
+                            # connection goes back to the pool instead of being closed.
+                            continue
+                        for delta in parse_chunk(
+                            sse.data, now_s=self._clock.time(), secrets=secrets
+                        ):
+                            done = done or delta.done
+                            yield delta
+                except (httpx.TransportError, ProviderError):
+                    # After the end marker the answer is whole: a connection that breaks or
+                    # stalls while we drain it is only not reused, never a failed attempt.
+                    if not done:
+                        raise
         if not done:
             raise RetryableError("the stream ended without its end marker [DONE]")
