@@ -408,7 +408,9 @@ class _Handler(BaseHTTPRequestHandler):
                 stalled = True
                 if not self._wait(step.seconds):
                     return
-            if frame.end_marker and isinstance(step, NoEndMarker):
+            if frame.end_marker and isinstance(step, NoEndMarker | StreamError | Garbage):
+                # A StreamError or Garbage asked for after more deltas than the reply has
+                # still comes, before the end marker (after it, a client rightly ignores it).
                 break
             if frame.delta and reply.delay_s and sent_deltas and not self._wait(reply.delay_s):
                 return
