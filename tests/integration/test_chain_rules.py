@@ -36,8 +36,9 @@ from worker.mockllm import (
     StreamError,
     WrongContentType,
 )
-from worker.mockllm.server import mask
+from worker.mockllm.server import default_answer, mask
 
+DEFAULT = default_answer("Tell me about Celery.")
 P = "hello from primary"
 B = "hello from backup"
 T = "hello from third"
@@ -1047,6 +1048,49 @@ def test_chain_stream_cut_midway_retries_with_discard_and_keeps_only_winner_text
     assert sink.events[4]["error"]["message"].startswith("the stream broke")
 
 
+def test_chain_connection_dropped_after_end_marker_still_completes(
+    agent, make_job, make_executor, sink_for, mock, clock
+):
+    """A connection that drops after [DONE] loses nothing: the attempt completes, no retry."""
+    mock.script("primary", [Cut(after_chunks=1000)])
+    job = make_job()
+    sink = sink_for(job)
+
+    outcome = make_executor().run(job, agent(), sink)
+
+    assert shape(sink.events) == [
+        ("started", "primary", False),
+        ("attempt", 1, "primary", 1, 3, False),
+        *said(1, DEFAULT),
+        ("completed", "primary", DEFAULT, False),
+    ]
+    assert outcome.terminal["finish_reason"] == "stop"
+    assert outcome.terminal["usage"]["output_tokens"] == len(DEFAULT.split(" "))
+    assert mock.count("primary") == 1
+
+
+def test_chain_error_event_after_last_delta_fails_the_attempt(
+    agent, make_job, make_executor, sink_for, mock, clock
+):
+    """An in-stream error after every delta but before [DONE] still breaks the attempt."""
+    mock.script("primary", [StreamError(after_chunks=1000), Reply(text=P)])
+    job = make_job()
+    sink = sink_for(job)
+
+    outcome = make_executor().run(job, agent(), sink)
+
+    assert shape(sink.events) == [
+        ("started", "primary", False),
+        ("attempt", 1, "primary", 1, 3, False),
+        *said(1, DEFAULT),
+        ("retry", 1, "primary", 0.2, "retryable", True),
+        ("attempt", 2, "primary", 2, 3, False),
+        *said(2, P),
+        ("completed", "primary", P, False),
+    ]
+    assert outcome.terminal["text"] == P
+
+
 def test_chain_stream_cut_on_last_attempt_falls_back_with_discard(
     agent, make_job, make_executor, sink_for, mock, clock
 ):
@@ -1304,7 +1348,7 @@ def test_chain_usage_of_failed_attempts_is_counted(
     assert first["outcome"] == "retryable"
     assert first["usage"] == {
         "input_tokens": prompt_tokens,
-        "output_tokens": 38,
+        "output_tokens": len(DEFAULT.split(" ")),
         "total_tokens": 42,
     }
     assert second["usage"] == {"input_tokens": prompt_tokens, "output_tokens": 3, "total_tokens": 7}
