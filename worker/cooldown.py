@@ -110,7 +110,10 @@ class MemoryCooldownStore:
             return None
         pin, until = entry
         if self._clock.monotonic() >= until:
-            del self._pins[agent]
+            # Threads share this store: another reader may have dropped this entry, or a
+            # writer replaced it, since we read it. Remove only the entry we saw expire.
+            if self._pins.get(agent) is entry:
+                self._pins.pop(agent, None)
             return None
         return pin
 
