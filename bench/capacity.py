@@ -1,0 +1,202 @@
+"""Issue 3: how many concurrent slow streams one worker process holds, and at what cost.
+
+One run = one worker process (``--pool P --concurrency N``, the Procfile's other flags),
+``N`` jobs submitted at once, each a slow stream from ``bench.ticker`` (a delta every
+``interval_ms`` for ``stream_s``), and ``bench.subscriber`` pattern-subscribed to the live
+channel. Per token the subscriber measures receive time minus the upstream's send time
+(the whole path, coalescing wait included). Reported:
+
+* delta latency p50/p99/max over every token, and over the steady part (tokens sent after
+  the ramp, i.e. ``ramp_s`` after the last submit, until a second before the schedule
+  ends);
+* the worker's peak RSS (``/proc/<pid>/status`` VmRSS, sampled every 0.5 s) and threads;
+* CPU of the worker, Redis, the ticker and the subscriber in the steady window (percent
+  of one core; the machine has two), and of everything else on the machine (other load);
+* jobs completed/failed, seq gaps seen on the channel, the ticker's schedule lag.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    POOL_HEADROOM,
+    Namespace,
+    Proc,
+    Sampler,
+    free_port,
+    redis_server_pid,
+    start_worker,
+    summary,
+)
+from bench.scenarios import PROMPT
+from bench.service import _client
+
+TARGET_P99_S = 0.100
+TARGET_RSS_MB = 500.0
+
+
+def _busy_jiffies() -> tuple[float, float]:
+    """(busy, total) CPU jiffies of the whole machine, from /proc/stat."""
+    fields = [float(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+def wait_quiet(max_wait_s: float, threshold_pct: float = 40.0) -> float:
+    """Wait (at most ``max_wait_s``) until the machine is nearly idle; its busy % then.
+
+    Other sessions may be running tests on this machine; a run that starts during such a
+    burst measures the burst. The busy share is in percent of one core, over 1 s.
+    """
+    ends = time.monotonic() + max_wait_s
+    while True:
+        b0 = _busy_jiffies()
+        time.sleep(1.0)
+        b1 = _busy_jiffies()
+        busy = 100.0 * (os.cpu_count() or 1) * (b1[0] - b0[0]) / max(b1[1] - b0[1], 1.0)
+        if busy < threshold_pct or time.monotonic() >= ends:
+            return busy
+
+
+def _write_agents(path: Path, base_url: str, model: str) -> Path:
+    from bench.scenarios import write_agents
+
+    return write_agents(path, base_url, [model])
+
+
+def run_one(
+    *,
+    streams: int,
+    pool: str,
+    flush_ms: int,
+    stream_s: float,
+    interval_ms: int,
+    ramp_s: float,
+    log_dir: Path,
+    default_pool: bool = False,
+    quiet_wait_s: float = 0.0,
+) -> dict[str, Any]:
+    other_before = wait_quiet(quiet_wait_s)
+    ns = Namespace()
+    count = int(stream_s * 1000 / interval_ms)
+    model = f"tick-{interval_ms}-{count}"
+    tag = f"{pool}-{streams}-f{flush_ms}"
+    port = free_port()
+    ticker_stats = log_dir / f"ticker-{tag}.json"
+    sub_out = log_dir / f"subscriber-{tag}.json"
+    ticker = Proc(
+        f"ticker-{tag}",
+        [sys.executable, "-m", "bench.ticker", "--port", str(port), "--stats", str(ticker_stats)],
+        log_dir,
+    )
+    worker = subscriber = None
+    client = _client(ns)
+    cap_s = stream_s + 60 + streams / 20
+    result: dict[str, Any] = {
+        "streams": streams,
+        "pool": pool,
+        "flush_ms": flush_ms,
+        "stream_s": stream_s,
+        "interval_ms": interval_ms,
+        "redis_max_connections": None if default_pool else streams + POOL_HEADROOM,
+        "other_cpu_before_pct": other_before,
+    }
+    try:
+        ticker.wait_for("listening", 15)
+        agents = _write_agents(log_dir / f"agents-{tag}.yaml", f"http://127.0.0.1:{port}", model)
+        env = ns.settings_env(
+            agents,
+            max_connections=None if default_pool else streams + POOL_HEADROOM,
+            RELIEVER_DELTA_FLUSH_MS=str(flush_ms),
+        )
+        worker = start_worker(log_dir, env, pool=pool, concurrency=streams, name=f"{ns.name}-cap")
+        subscriber = Proc(
+            f"subscriber-{tag}",
+            [
+                sys.executable, "-m", "bench.subscriber", "--redis", ns.redis_url,
+                "--prefix", ns.prefix, "--jobs", str(streams), "--cap-s", str(cap_s),
+                "--out", str(sub_out),
+            ],
+            log_dir,
+        )  # fmt: skip
+        subscriber.wait_for("subscribed", 15)
+        pids = {"worker": worker.pid, "ticker": ticker.pid, "subscriber": subscriber.pid}
+        redis_pid = redis_server_pid()
+        if redis_pid is not None:
+            pids["redis"] = redis_pid
+        ids = [str(uuid.uuid4()) for _ in range(streams)]
+        ns.job_ids += ids
+        with Sampler(pids) as sampler:
+            t0 = time.monotonic()
+            epoch0 = time.time()
+            for job_id in ids:
+                client.submit(model, PROMPT, job_id=job_id)
+            submit_s = time.monotonic() - t0
+            steady_from = submit_s + ramp_s
+            steady_to = max(steady_from + 1.0, stream_s - 1.0)
+            time.sleep(max(0.0, t0 + steady_from - time.monotonic()))
+            sampler.mark("steady0")
+            busy0 = _busy_jiffies()
+            time.sleep(max(0.0, t0 + steady_to - time.monotonic()))
+            sampler.mark("steady1")
+            busy1 = _busy_jiffies()
+            subscriber.popen.wait(timeout=cap_s + 30)
+            sampler.mark("done")
+        data = json.loads(sub_out.read_text(encoding="utf-8"))
+        cpu = sampler.cpu_percent("steady0", "steady1")
+        cores = os.cpu_count() or 1
+        machine_pct = 100.0 * cores * (busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1.0)
+        ours = sum(cpu.values())
+        steady = [
+            lat
+            for sent, lat in zip(data["send"], data["e2e"], strict=True)
+            if epoch0 + steady_from <= sent <= epoch0 + steady_to
+        ]
+        result.update(
+            {
+                "submit_s": submit_s,
+                "steady_window_s": [steady_from, steady_to],
+                "completed": data["terminals"]["completed"],
+                "failed": data["terminals"]["failed"],
+                "failures": data["failures"],
+                "seq_gaps": data["seq_gaps"],
+                "timed_out": data["timed_out"],
+                "tokens": len(data["e2e"]),
+                "delta_events": data["delta_events"],
+                "e2e_all": summary(data["e2e"]),
+                "e2e_steady": summary(steady),
+                "to_ts": summary(data["to_ts"]),
+                "from_ts": summary(data["from_ts"]),
+                "cpu_steady_pct": cpu,
+                "other_cpu_pct": max(0.0, machine_pct - ours),
+                "worker_peak_rss_mb": sampler.peak_rss()["worker"],
+                "worker_peak_threads": sampler.peak_threads()["worker"],
+                "redis_peak_rss_mb": sampler.peak_rss().get("redis", 0.0),
+            }
+        )
+    finally:
+        client.close()
+        if subscriber is not None:
+            subscriber.stop()
+        if worker is not None:
+            worker.stop(timeout_s=30)
+        ticker.stop()
+        ns.cleanup()
+    if ticker_stats.exists():
+        result["ticker"] = json.loads(ticker_stats.read_text(encoding="utf-8"))
+    p99 = result.get("e2e_steady", {}).get("p99", float("inf"))
+    result["holds"] = bool(
+        result.get("completed") == streams
+        and not result.get("failed")
+        and p99 < TARGET_P99_S
+        and result.get("e2e_all", {}).get("p99", float("inf")) < TARGET_P99_S
+        and result.get("worker_peak_rss_mb", 0.0) < TARGET_RSS_MB
+    )
+    return result
