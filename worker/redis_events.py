@@ -8,10 +8,13 @@ its lease (it was presumed dead and the job re-enqueued) cannot write into the s
 the run that replaced it.
 
 seq lives in Redis: a sink starts from the stored seq, so a redelivered job continues the
-numbering. Delta coalescing: with a flush window above zero, consecutive text deltas of
-one attempt are merged into one event until the window has passed since the first of
-them (a process-wide flusher thread bounds the wait when the stream goes quiet); content
-and order stay exact.
+numbering. Delta coalescing: with a flush window above zero, a text delta that comes a
+whole window after the sink last delivered deltas goes out at once (so the first token
+and the tokens of a slow stream never wait); the consecutive text deltas of one attempt
+that follow within the window are merged into one event, delivered once the window since
+that last delivery has passed (a process-wide flusher thread bounds the wait when the
+stream goes quiet, ticking every half window). No delta waits much more than a window;
+content and order stay exact.
 """
 
 from __future__ import annotations
@@ -83,7 +86,8 @@ class RedisEventLog:
         self._script = client.register_script(_APPEND)
         self._lock = threading.Lock()
         self._pending: list[Event] = []
-        self._pending_since = 0.0
+        # When deltas were last delivered (monotonic): the coalescing window counts from it.
+        self._flushed_at = float("-inf")
         stored = client.get(keys.seq(job_id))
         self._next = int(stored) + 1 if stored is not None else 1
         if flush_window_s > 0:
@@ -103,12 +107,9 @@ class RedisEventLog:
                     last["text"] += body["text"]
                     merged = last
                 else:
-                    if not self._pending:
-                        self._pending_since = self._clock.monotonic()
                     merged = self._stamp(body)
                     self._pending.append(merged)
-                if self._clock.monotonic() - self._pending_since >= self._window_s:
-                    self._flush_locked()
+                self._flush_deltas_if_due()
                 return merged
             event = self._stamp(body)
             self._pending.append(event)
@@ -123,8 +124,14 @@ class RedisEventLog:
     def flush_if_due(self) -> None:
         """Deliver buffered deltas whose window has passed (the flusher thread calls this)."""
         with self._lock:
-            if self._pending and self._clock.monotonic() - self._pending_since >= self._window_s:
-                self._flush_locked()
+            if self._pending:
+                self._flush_deltas_if_due()
+
+    def _flush_deltas_if_due(self) -> None:
+        now = self._clock.monotonic()
+        if now - self._flushed_at >= self._window_s:
+            self._flush_locked()
+            self._flushed_at = now
 
     def close(self) -> None:
         with self._lock:
