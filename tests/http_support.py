@@ -56,6 +56,11 @@ class ServiceProcess:
     def output(self) -> str:
         return "".join(self.lines)
 
+    def kill(self) -> None:
+        """SIGKILL: the process dies with its connections open, as in a crash."""
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

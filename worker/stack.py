@@ -1,10 +1,11 @@
 """``python -m worker.stack``: the whole stack on one machine, then the demo.
 
 Checks Redis (starts a local ``redis-server`` when none answers and one is installed,
-else says what to install), starts the Procfile's ``mockllm``, ``worker`` and ``flower``
-with honcho, waits for the worker, runs the demo (``worker.demo``) in the foreground and
-keeps the stack up until Ctrl-C (``--exit-after-demo`` stops it instead). The services'
-output goes to a log file whose path is printed.
+else says what to install), starts the Procfile's ``mockllm``, ``worker``, ``flower`` and
+``web`` (the example web app) with honcho, waits for the worker, runs the demo
+(``worker.demo``) in the foreground and keeps the stack up until Ctrl-C
+(``--exit-after-demo`` stops it instead). The services' output goes to a log file whose
+path is printed.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     if "RELIEVER_AGENTS_FILE" not in env and not (ROOT / "agents.yaml").exists():
         env["RELIEVER_AGENTS_FILE"] = str(DEMO_AGENTS)
     env.setdefault("RELIEVER_FLOWER_PORT", "5555")
+    env.setdefault("RELIEVER_WEB_PORT", "8000")
     os.environ.update(env)
     settings = Settings()
     problem = ensure_redis(settings.redis_url)
@@ -103,11 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     log_path = Path(tempfile.gettempdir()) / "reliever-stack.log"
-    print(f"starting mockllm, worker and flower (logs: {log_path})")
+    print(f"starting mockllm, worker, flower and web (logs: {log_path})")
     with log_path.open("w") as log:
         stack = subprocess.Popen(
             [sys.executable, "-m", "honcho", "-f", str(ROOT / "Procfile"), "start",
-             "mockllm", "worker", "flower"],
+             "mockllm", "worker", "flower", "web"],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         client = Client(settings=settings)
@@ -121,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"\nFlower: http://127.0.0.1:{env['RELIEVER_FLOWER_PORT']} (user {user!r}, "
                 "password from RELIEVER_FLOWER_BASIC_AUTH)"
             )
+            print(f"Web app: http://127.0.0.1:{env['RELIEVER_WEB_PORT']} (examples/web)")
             if not args.exit_after_demo:
                 print("The stack keeps running; Ctrl-C stops it.")
                 stack.wait()

@@ -135,6 +135,8 @@ def test_flower_shows_running_model_and_final_state_never_the_messages(
         "fallback": True,
     }
     assert running["worker"].startswith(flower.worker_name)
+    assert job.job_id in flower.get("/api/tasks", state="RUNNING").json()
+    assert flower.get(f"/api/task/result/{job.job_id}").json()["state"] == "RUNNING"
     done = wait_for(lambda: task_in_state(flower, job.job_id, "SUCCESS"), timeout_s=30, what="done")
     assert done["name"] == "reliever.complete"
     assert done["args"] == f"(job_id={job.job_id!r}, agent='support')"

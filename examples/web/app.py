@@ -1,0 +1,240 @@
+"""The example web app (Starlette): submit a chat job, relay its events as SSE, cancel it.
+
+Routes:
+
+- ``GET /``: the chat page (``index.html``, plain JavaScript with ``EventSource``).
+- ``POST /chat`` ``{"prompt": "..."}``: submits a job to the configured agent and answers
+  ``202 {"job_id", "events"}``.
+- ``GET /chat/{job_id}/events``: the job's events as Server-Sent Events, read from its
+  replay log (``XREAD`` on ``{prefix}:log:{job}`` with redis.asyncio, so a waiting browser
+  holds no thread). Each event is sent as ``id: <seq>`` plus ``data: <event JSON>``. A
+  reconnecting ``EventSource`` sends ``Last-Event-ID``; events with ``seq`` up to it are
+  skipped. ``?last_event_id=`` does the same for a page that restores itself after a
+  reload (``EventSource`` cannot set headers). The stream ends after the terminal event;
+  a request whose ``Last-Event-ID`` is already the terminal event gets ``204``, which tells
+  ``EventSource`` to stop reconnecting.
+- ``POST /chat/{job_id}/cancel``: cancels the job (``202``); it ends ``failed``/``cancelled``.
+- ``GET /healthz``: ``ok``.
+
+Submitting and cancelling use the synchronous :class:`worker.client.Client` in Starlette's
+thread pool; only the relay, which lives as long as a job, is asyncio.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import redis
+import redis.asyncio as aredis
+from kombu.exceptions import OperationalError
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
+from starlette.routing import Route
+
+from settings import Settings
+from worker.client import Client
+from worker.errors import JobError
+from worker.events import TERMINAL_TYPES
+from worker.jobs import JOB_ID_PATTERN
+from worker.keys import Keys
+
+log = logging.getLogger("reliever.web")
+
+PAGE = Path(__file__).with_name("index.html")
+_JOB_ID = re.compile(JOB_ID_PATTERN)
+_BLOCK_MS = 5000
+_BATCH = 500
+
+
+class WebSettings(BaseSettings):
+    """The web app's own settings (``RELIEVER_WEB_*``); reliever's come from ``Settings``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RELIEVER_WEB_", env_file=".env", env_ignore_empty=True, extra="ignore"
+    )
+
+    agent: str = "demo"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, validation_alias=AliasChoices("RELIEVER_WEB_PORT", "PORT"))
+    max_prompt_chars: int = Field(20_000, gt=0)
+    stream_idle_s: float = Field(
+        600.0, gt=0, description="end a stream after this long without events (it reconnects)"
+    )
+
+
+def _last_seq(request: Request) -> int:
+    """Where the reader is: ``Last-Event-ID``, else ``?last_event_id=``, else 0.
+
+    Raises:
+        ValueError: the value is not a non-negative integer.
+    """
+    raw = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    if not raw:
+        return 0
+    seq = int(raw)
+    if seq < 0:
+        raise ValueError(raw)
+    return seq
+
+
+def _sse(seq: int, data: str) -> str:
+    # Event JSON is one line (json.dumps escapes newlines), so one data: field suffices.
+    return f"id: {seq}\ndata: {data}\n\n"
+
+
+async def sse_stream(
+    client: aredis.Redis,
+    stream: str,
+    after_seq: int,
+    *,
+    block_ms: int = _BLOCK_MS,
+    idle_s: float = 600.0,
+) -> AsyncIterator[str]:
+    """SSE text for every event in ``stream`` with ``seq > after_seq``, to the terminal one.
+
+    Reads the replay log from its start (``0-0``), so a reader that comes late, or comes
+    back, gets everything it has not seen, once and in order. A comment line goes out
+    whenever ``block_ms`` pass without an event (proxies keep the connection open); after
+    ``idle_s`` without an event the stream ends and the browser reconnects.
+    """
+    yield "retry: 1000\n\n"
+    last_id: Any = "0-0"
+    quiet_since = time.monotonic()
+    while True:
+        reply = await client.xread({stream: last_id}, count=_BATCH, block=block_ms)
+        if not reply:
+            if time.monotonic() - quiet_since >= idle_s:
+                return
+            yield ": keep-alive\n\n"
+            continue
+        quiet_since = time.monotonic()
+        for _name, entries in reply:
+            for entry_id, fields in entries:
+                last_id = entry_id
+                seq = int(fields[b"s"])
+                data = fields[b"e"].decode()
+                terminal = json.loads(data)["type"] in TERMINAL_TYPES
+                if seq > after_seq:
+                    yield _sse(seq, data)
+                if terminal:
+                    return
+
+
+async def _already_ended(client: aredis.Redis, stream: str, after_seq: int) -> bool:
+    """True when the reader has the job's terminal event already."""
+    newest = await client.xrevrange(stream, count=1)
+    if not newest:
+        return False
+    _entry_id, fields = newest[0]
+    event = json.loads(fields[b"e"])
+    return event["type"] in TERMINAL_TYPES and int(fields[b"s"]) <= after_seq
+
+
+def create_app(settings: Settings | None = None, web: WebSettings | None = None) -> Starlette:
+    """The ASGI app; ``settings`` and ``web`` default to the ones read from the environment."""
+    settings = settings or Settings()
+    web = web or WebSettings()
+    keys = Keys(settings.key_prefix)
+    page = PAGE.read_text(encoding="utf-8").replace("__AGENT__", html.escape(web.agent))
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.client = Client(settings=settings)
+        app.state.redis = aredis.Redis.from_url(settings.redis_url)
+        try:
+            yield
+        finally:
+            await app.state.redis.aclose()
+            app.state.client.close()
+
+    async def index(request: Request) -> Response:
+        return HTMLResponse(page, headers={"Cache-Control": "no-store"})
+
+    async def health(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    async def chat(request: Request) -> Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return JSONResponse({"error": "expected a JSON body"}, status_code=400)
+        prompt = body.get("prompt") if isinstance(body, dict) else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            return JSONResponse({"error": "prompt: a non-empty string"}, status_code=400)
+        if len(prompt) > web.max_prompt_chars:
+            limit = web.max_prompt_chars
+            return JSONResponse({"error": f"prompt: over {limit} characters"}, status_code=413)
+        client: Client = request.app.state.client
+        try:
+            job = await run_in_threadpool(
+                client.submit, web.agent, [{"role": "user", "content": prompt}]
+            )
+        except JobError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=422)
+        except (redis.RedisError, OperationalError):
+            log.exception("submitting a job failed")
+            return JSONResponse({"error": "reliever is unavailable"}, status_code=503)
+        log.info("submitted job %s to agent %s", job.job_id, web.agent)
+        return JSONResponse(
+            {"job_id": job.job_id, "events": f"/chat/{job.job_id}/events"}, status_code=202
+        )
+
+    async def events(request: Request) -> Response:
+        job_id = request.path_params["job_id"]
+        if not _JOB_ID.fullmatch(job_id):
+            return JSONResponse({"error": "unknown job id"}, status_code=404)
+        try:
+            after_seq = _last_seq(request)
+        except ValueError:
+            return JSONResponse({"error": "Last-Event-ID: expected a seq"}, status_code=400)
+        client: aredis.Redis = request.app.state.redis
+        stream = keys.log(job_id)
+        if after_seq and await _already_ended(client, stream, after_seq):
+            return Response(status_code=204)
+        return StreamingResponse(
+            sse_stream(client, stream, after_seq, idle_s=web.stream_idle_s),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
+
+    async def cancel(request: Request) -> Response:
+        job_id = request.path_params["job_id"]
+        if not _JOB_ID.fullmatch(job_id):
+            return JSONResponse({"error": "unknown job id"}, status_code=404)
+        client: Client = request.app.state.client
+        try:
+            await run_in_threadpool(client.cancel, job_id)
+        except redis.RedisError:
+            log.exception("cancelling job %s failed", job_id)
+            return JSONResponse({"error": "reliever is unavailable"}, status_code=503)
+        log.info("cancel requested for job %s", job_id)
+        return JSONResponse({"job_id": job_id, "cancel": "requested"}, status_code=202)
+
+    return Starlette(
+        routes=[
+            Route("/", index),
+            Route("/healthz", health),
+            Route("/chat", chat, methods=["POST"]),
+            Route("/chat/{job_id}/events", events),
+            Route("/chat/{job_id}/cancel", cancel, methods=["POST"]),
+        ],
+        lifespan=lifespan,
+    )

@@ -1,0 +1,103 @@
+"""The example web app's stack for tests: a worker, the web app, their own prefix and queue.
+
+Both are real subprocesses started as the Procfile starts them (``celery -A worker
+worker``, ``python -m examples.web``); the upstream is the test session's mock. The
+agent is ``demo`` with the demo's model names, scripted per test through the mock.
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from settings import Settings
+from tests.http_support import free_port, running_service
+from tests.service_support import running_worker, worker_env, write_agents
+from worker.keys import Keys
+from worker.mockllm import MockLLM
+
+AGENT = "demo"
+PRIMARY = "demo-primary"
+BACKUP = "demo-backup"
+
+
+@dataclass
+class WebStack:
+    url: str
+    prefix: str
+    redis: redis.Redis
+    settings: Settings
+    env: dict[str, str]
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.prefix)
+
+    def reset_cooldown(self) -> None:
+        """Tests share one agent: a pin left by one test must not move the next one."""
+        self.redis.delete(self.keys.cooldown(AGENT))
+
+
+def demo_agents(mock: MockLLM) -> dict[str, object]:
+    def model(name: str) -> dict[str, object]:
+        return {
+            "provider": "openai",
+            "base_url": f"{mock.url}/v1",
+            "model": name,
+            "timeouts": {"connect": "2s", "first_token": "10s", "idle": "5s", "total": "1m"},
+        }
+
+    return {
+        "models": {PRIMARY: model(PRIMARY), BACKUP: model(BACKUP)},
+        "agents": {
+            AGENT: {
+                "model": PRIMARY,
+                "fallbacks": [BACKUP],
+                "retries": 2,
+                "cooldown": "5s",
+                "backoff": {"base": "200ms", "factor": 2, "max": "1s", "jitter": 0},
+            }
+        },
+    }
+
+
+@contextmanager
+def running_web_stack(workdir: Path, redis_url: str, mock: MockLLM) -> Iterator[WebStack]:
+    """A worker and the web app on a fresh prefix and queue; keys are removed afterwards."""
+    prefix = f"reliever-test-{uuid.uuid4().hex[:12]}"
+    agents = write_agents(workdir / "agents.yaml", demo_agents(mock))
+    env = worker_env(
+        redis_url=redis_url,
+        prefix=prefix,
+        queue_name=f"{prefix}-q",
+        agents_file=agents,
+        RELIEVER_WEB_AGENT=AGENT,
+    )
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    settings = Settings(
+        _env_file=None,
+        environment="test",
+        redis_url=redis_url,
+        key_prefix=prefix,
+        queue=f"{prefix}-q",
+    )
+    client = redis.Redis.from_url(redis_url)
+    web_cmd = [sys.executable, "-m", "examples.web", "--host", "127.0.0.1", "--port", str(port)]
+    try:
+        with ExitStack() as stack:
+            stack.enter_context(running_worker(env, name=f"{prefix}-web"))
+            stack.enter_context(
+                running_service(web_cmd, env, ready_url=f"{url}/healthz", name="web app")
+            )
+            yield WebStack(url=url, prefix=prefix, redis=client, settings=settings, env=env)
+    finally:
+        for key in client.scan_iter(match=f"{prefix}:*"):
+            client.delete(key)
+        client.close()
