@@ -77,6 +77,10 @@ class StreamGuard:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
 
+    def drain(self, grace_s: float) -> None:
+        """The answer is whole: allow only ``grace_s`` more to read the rest of the body."""
+        self._total_at = min(self._total_at, self._clock.monotonic() + grace_s)
+
     def first_delta(self) -> None:
         """The attempt produced its first delta: the idle budget takes over."""
         self._first_delta = True

@@ -9,20 +9,23 @@ not a stream (an error status, a 200 whose body is an error, a wrong content typ
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import httpx
-from httpx_sse import EventSource, SSEError
+from httpx_sse import EventSource, ServerSentEvent, SSEError
 
 from worker.agents import ModelRef
 from worker.classify import ErrorBody, classify_response, decode_body, parse_error_body, scrub
 from worker.clock import Clock
 from worker.errors import FatalError, ProviderError, ProviderTimeout, RetryableError
+from worker.guard import current_guard
 
 ERROR_BODY_MAX_BYTES = 64 * 1024
+DRAIN_GRACE_S = 1.0
+"""How long the rest of a body may take after its end marker before the connection is dropped."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,3 +177,39 @@ def _error_from(response: httpx.Response, secrets: tuple[str, ...], now_s: float
             f"HTTP {status}: expected an event stream, got {scrub(content_type)!r}", status=status
         )
     return classify_response(status, response.headers, body, now_s=now_s, secrets=secrets)
+
+
+def until_end_marker(
+    source: EventSource,
+    feed: Callable[[ServerSentEvent], Iterable[Delta]],
+    *,
+    secrets: tuple[str, ...],
+    end_marker: str,
+) -> Iterator[Delta]:
+    """Yield the deltas ``feed`` makes of each event, up to the provider's end marker.
+
+    After the end marker (a delta with ``done``) the answer is whole: the rest of the body
+    is read, for at most :data:`DRAIN_GRACE_S`, so the connection can go back to the
+    pool; a break or a stall in that time only costs the connection, never the attempt.
+
+    Raises:
+        RetryableError: the stream ended without its end marker.
+    """
+    done = False
+    with translated(secrets):
+        try:
+            for sse in source.iter_sse():
+                if done:
+                    continue
+                for delta in feed(sse):
+                    if delta.done and not done:
+                        done = True
+                        guard = current_guard()
+                        if guard is not None:
+                            guard.drain(DRAIN_GRACE_S)
+                    yield delta
+        except (httpx.TransportError, ProviderError):
+            if not done:
+                raise
+    if not done:
+        raise RetryableError(f"the stream ended without its end marker {end_marker}")

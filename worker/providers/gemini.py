@@ -41,14 +41,14 @@ import httpx
 from worker.agents import ModelRef
 from worker.classify import classify_stream_error
 from worker.clock import Clock
-from worker.errors import FatalError, RetryableError
+from worker.errors import FatalError
 from worker.providers.base import (
     Delta,
     ProviderRequest,
     ToolCallPiece,
     Usage,
     open_stream,
-    translated,
+    until_end_marker,
 )
 from worker.providers.messages import compact_json, stop_list, tool_input
 
@@ -365,22 +365,18 @@ class GeminiProvider:
         headers = {"x-goog-api-key": key} if key else {}
         body = build_body(model, request)
         parser = GeminiStream(call_id_seed(body), secrets)
-        with (
-            open_stream(
-                self._client,
-                endpoint(model.base_url, model.model),
-                headers=headers,
-                body=body,
-                model=model,
+        with open_stream(
+            self._client,
+            endpoint(model.base_url, model.model),
+            headers=headers,
+            body=body,
+            model=model,
+            secrets=secrets,
+            clock=self._clock,
+        ) as source:
+            yield from until_end_marker(
+                source,
+                lambda sse: parser.feed(sse.data, now_s=self._clock.time()),
                 secrets=secrets,
-                clock=self._clock,
-            ) as source,
-            translated(secrets),
-        ):
-            for sse in source.iter_sse():
-                if parser.done:
-                    # Read to the end after the finish so the connection is reused.
-                    continue
-                yield from parser.feed(sse.data, now_s=self._clock.time())
-        if not parser.done:
-            raise RetryableError("the stream ended without a finishReason")
+                end_marker="(a chunk with finishReason)",
+            )

@@ -18,14 +18,14 @@ import httpx
 from worker.agents import ModelRef
 from worker.classify import classify_stream_error
 from worker.clock import Clock
-from worker.errors import FatalError, ProviderError, RetryableError
+from worker.errors import FatalError
 from worker.providers.base import (
     Delta,
     ProviderRequest,
     ToolCallPiece,
     Usage,
     open_stream,
-    translated,
+    until_end_marker,
 )
 
 _FINISH = {
@@ -199,23 +199,9 @@ class OpenAIProvider:
             secrets=secrets,
             clock=self._clock,
         ) as source:
-            done = False
-            with translated(secrets):
-                try:
-                    for sse in source.iter_sse():
-                        if done:
-                            # Read to the end of the body after the end marker, so the
-                            # connection goes back to the pool instead of being closed.
-                            continue
-                        for delta in parse_chunk(
-                            sse.data, now_s=self._clock.time(), secrets=secrets
-                        ):
-                            done = done or delta.done
-                            yield delta
-                except (httpx.TransportError, ProviderError):
-                    # After the end marker the answer is whole: a connection that breaks or
-                    # stalls while we drain it is only not reused, never a failed attempt.
-                    if not done:
-                        raise
-        if not done:
-            raise RetryableError("the stream ended without its end marker [DONE]")
+            yield from until_end_marker(
+                source,
+                lambda sse: parse_chunk(sse.data, now_s=self._clock.time(), secrets=secrets),
+                secrets=secrets,
+                end_marker="[DONE]",
+            )
