@@ -11,8 +11,9 @@
 5. Context overflow: next model; if every model overflowed the job's kind is
    ``context_overflow``.
 6. Cancellation and the job's deadline stop everything, mid-stream or mid-wait.
-7. Cooldown: a non-retryable primary failure (or, with ``cooldown_on_exhausted``, the
-   primary using up its retries) rescued by a fallback pins the agent to that fallback for
+7. Cooldown: a non-retryable primary failure other than a context overflow (or, with
+   ``cooldown_on_exhausted``, the primary using up its retries) rescued by a fallback
+   pins the agent to that fallback for
    ``max(cooldown, Retry-After)``; a primary success clears the pin; a failing pin rescued
    by a later model moves the pin; a job that starts inside a cooldown and fails on the rest
    of the chain tries the skipped models before giving up. No ``fallback`` event when a
@@ -447,7 +448,9 @@ class _JobRun:
     def _arms_cooldown(self, error: ProviderError) -> bool:
         if isinstance(error, RetryableError):
             return self.agent.cooldown_on_exhausted
-        return True
+        # An overflow says this prompt is too long for the model, not that the model is
+        # unwell: pinning every later job of the agent to the fallback would be wrong.
+        return not isinstance(error, ContextOverflow)
 
     def _succeed(
         self,

@@ -513,6 +513,26 @@ def test_chain_context_overflow_with_fallback_moves_on(
     assert clock.sleeps == []
 
 
+def test_chain_context_overflow_on_the_primary_does_not_arm_the_cooldown(
+    agent, make_job, make_executor, sink_for, mock, clock
+):
+    """A primary whose context overflowed is not pinned away from: the next job starts there."""
+    mock.script("primary", [OVERFLOW, Reply(text=P)])
+    mock.script("backup", [Reply(text=B)])
+    store = MemoryCooldownStore(clock)
+    executor = make_executor(store)
+    first = make_job()
+
+    executor.run(first, agent(), sink_for(first))
+    second = make_job()
+    sink = sink_for(second)
+    executor.run(second, agent(), sink)
+
+    assert store.get("support") is None
+    assert shape(sink.events)[0] == ("started", "primary", False)
+    assert sink.events[-1]["model"] == "primary"
+
+
 def test_chain_context_overflow_without_fallback_fails_as_context_overflow(
     agent, make_job, make_executor, sink_for, mock, clock
 ):
