@@ -1089,6 +1089,24 @@ def test_chain_connection_dropped_after_end_marker_still_completes(
     assert mock.count("primary") == 1
 
 
+def test_chain_server_holding_the_body_after_end_marker_does_not_delay_completion(
+    agent, make_job, make_executor, sink_for, mock
+):
+    """After [DONE] the rest of the body gets a short grace, not the idle timeout: the job ends."""
+    mock.script("primary", [Reply(text=P, hold_after_end_s=20.0)])
+    job = make_job()
+    sink = MemoryEventSink(job.job_id, SystemClock())
+    began = time.monotonic()
+
+    outcome = make_executor(clock_=SystemClock()).run(job, agent(), sink)
+
+    assert outcome.status == "completed"
+    assert outcome.terminal["text"] == P
+    assert time.monotonic() - began < 20.0
+    assert mock.wait_for_hangups("primary", timeout_s=1.0)
+    assert mock.count("primary") == 1
+
+
 def test_chain_error_event_after_last_delta_fails_the_attempt(
     agent, make_job, make_executor, sink_for, mock, clock
 ):

@@ -24,6 +24,8 @@ class Reply:
     finish: str = "stop"
     tool_calls: tuple[Mapping[str, str], ...] = ()
     usage: bool = True
+    hold_after_end_s: float = 0.0
+    """Keep the body open this long after the end marker before finishing it."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -425,6 +425,8 @@ class _Handler(BaseHTTPRequestHandler):
         if isinstance(step, Cut):
             self._cut()
             return
+        if reply.hold_after_end_s and not self._wait(reply.hold_after_end_s):
+            return
         self._end()
 
     def _chunk(self, data: bytes) -> None:
