@@ -15,6 +15,9 @@ from worker.service import Service
 class RelieverTask(Task[Any, Any]):
     """Holds the process's service; built on first use, after any fork."""
 
+    # Flower shows a finished task's result repr: keep it to the outcome (job id, status,
+    # model, finish, usage …); the answer text comes last in the result and is cut off.
+    resultrepr_maxsize = 200
     _service: Service | None = None
     _service_lock = threading.Lock()
 

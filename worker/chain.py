@@ -49,7 +49,7 @@ from worker.errors import (
     RetryableError,
     Stopped,
 )
-from worker.events import Event, EventSink
+from worker.events import Event, EventSink, result_of
 from worker.guard import StreamGuard, guarding
 from worker.jobs import Job
 from worker.providers.base import Provider, ProviderRequest, Usage
@@ -110,9 +110,7 @@ class Outcome:
 
     def result(self) -> dict[str, Any]:
         """The job's result: the terminal event's fields plus ``job_id`` and ``status``."""
-        body = {k: v for k, v in self.terminal.items() if k not in ("seq", "ts", "type")}
-        body["status"] = self.status
-        return body
+        return result_of(self.terminal)
 
 
 def _assemble_tool_calls(state: _AttemptState, n: int) -> list[dict[str, Any]]:

@@ -28,7 +28,7 @@ import redis.asyncio as aredis
 
 from settings import Settings
 from worker.control import request_cancel
-from worker.events import TERMINAL_TYPES, Event
+from worker.events import TERMINAL_TYPES, Event, result_of
 from worker.jobs import parse_job
 from worker.keys import Keys
 
@@ -43,13 +43,6 @@ class JobFailed(Exception):
         super().__init__(f"job {job_id} failed: {error.get('kind')}: {error.get('message')}")
         self.job_id = job_id
         self.error = dict(error)
-
-
-def result_of(terminal: Event) -> dict[str, Any]:
-    """A job's result from its terminal event (the same shape the worker stores)."""
-    body = {k: v for k, v in terminal.items() if k not in ("seq", "ts", "type")}
-    body["status"] = terminal["type"]
-    return body
 
 
 class _Cursor:

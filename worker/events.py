@@ -36,6 +36,21 @@ def stamp(job_id: str, seq: int, ts: float, body: Event) -> Event:
     return {"job_id": job_id, "seq": seq, "type": body["type"], "ts": round(ts, 6), **body}
 
 
+_RESULT_LAST = ("text", "tool_calls", "attempts")
+
+
+def result_of(terminal: Event) -> Event:
+    """A job's result from its terminal event: ``job_id``, ``status``, then its fields.
+
+    The long fields come last, so a shortened repr (Flower's) shows the outcome first.
+    """
+    skip = ("job_id", "seq", "ts", "type", *_RESULT_LAST)
+    body: Event = {"job_id": terminal["job_id"], "status": terminal["type"]}
+    body.update((k, v) for k, v in terminal.items() if k not in skip)
+    body.update((k, terminal[k]) for k in _RESULT_LAST if k in terminal)
+    return body
+
+
 def encode(event: Event) -> str:
     return json.dumps(event, separators=(",", ":"), ensure_ascii=False)
 
