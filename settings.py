@@ -34,6 +34,18 @@ class Settings(BaseSettings):
     sentry_dsn: SecretStr | None = None
     flower_basic_auth: SecretStr = SecretStr(DEFAULT_FLOWER_AUTH)
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="first port tried for a worker's /metrics; unset = off"
+    )
+    metrics_port_tries: int = Field(
+        16, ge=1, le=1024, description="the next ports tried when one is taken (one per process)"
+    )
+    metrics_host: str = "127.0.0.1"
+    traces_exporter: Literal["none", "console", "otlp"] = "none"
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/HTTP traces URL; unset = the OTEL_EXPORTER_OTLP_* variables"
+    )
     lease_ttl_s: float = Field(15.0, gt=0, description="a running job's lease; renewed every third")
     visibility_timeout_s: int = Field(
         3600, gt=0, description="broker redelivery of unacked messages: the last resort"

@@ -13,7 +13,7 @@ from typing import Any
 from celery import Celery, signals
 
 from settings import Settings, get_settings
-from worker.observability import configure_logging
+from worker.observability import configure_logging, start_observability
 
 TASK_NAME = "reliever.complete"
 
@@ -66,6 +66,18 @@ def create_app(settings: Settings) -> RelieverCelery:
 @signals.setup_logging.connect
 def _setup_logging(**_: Any) -> None:
     configure_logging(get_settings())
+
+
+@signals.celeryd_init.connect
+def _start_observability(**_: Any) -> None:
+    """Sentry, traces and the metrics endpoint, each as the settings say (all off by default).
+
+    Runs before the worker imports its consumer (Sentry must patch Celery's tracer first) and
+    before ``setup_logging``, so logging is configured here already.
+    """
+    settings = get_settings()
+    configure_logging(settings)
+    start_observability(settings)
 
 
 @signals.worker_ready.connect

@@ -29,6 +29,7 @@ from worker.errors import InvalidJob, JobError, UnknownAgent
 from worker.events import Event, EventSink
 from worker.jobs import JOB_ID_PATTERN, parse_job
 from worker.lease import Leases
+from worker.observer import observe, observe_rejected
 from worker.redis_events import LeaseLost, RedisEventLog
 from worker.runtime import Runtime
 
@@ -135,6 +136,7 @@ class Service:
             if sink.last_seq > 0:
                 sink.emit({"type": "restarted", "discard": True})
             events: EventSink = sink if progress is None else ProgressSink(sink, progress)
+            events = observe(events, agent, rt.clock)
             outcome = rt.executor.run(job, agent, events, cancel=cancel)
             sink.close()
             result = outcome.result()
@@ -149,6 +151,7 @@ class Service:
 
     def _reject(self, job_id: str, error: JobError) -> dict[str, Any]:
         rt = self.runtime
+        observe_rejected(job_id, error)
         sink = RedisEventLog(rt.redis, rt.keys, job_id, rt.clock, ttl_s=rt.settings.event_ttl)
         event = sink.emit({"type": "failed", "error": error.info(), "attempts": []})
         result = {k: v for k, v in event.items() if k not in ("seq", "ts", "type")}
