@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery, signals
+from pydantic import ValidationError
 
 from settings import Settings, get_settings
 from worker.observability import configure_logging, start_observability
@@ -95,4 +96,17 @@ def _stop_background(sender: Any = None, **_: Any) -> None:
         consumer_app.tasks[TASK_NAME].shutdown()
 
 
-app = create_app(get_settings())
+def settings_or_exit() -> Settings:
+    """The process's settings; a bad environment stops the process with one clear line."""
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            (f"RELIEVER_{'_'.join(str(p) for p in e['loc']).upper()}: " if e["loc"] else "")
+            + e["msg"].removeprefix("Value error, ")
+            for e in exc.errors()
+        )
+        raise SystemExit(f"reliever: bad settings: {problems}") from None
+
+
+app = create_app(settings_or_exit())

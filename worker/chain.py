@@ -28,7 +28,6 @@
 from __future__ import annotations
 
 import enum
-import logging
 import random
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -54,8 +53,6 @@ from worker.guard import StreamGuard, guarding
 from worker.jobs import Job
 from worker.providers.base import Provider, ProviderRequest, Usage
 from worker.retry import RETRY_AFTER_CAP_S
-
-log = logging.getLogger(__name__)
 
 
 class _Next(enum.Enum):
@@ -207,12 +204,6 @@ class _JobRun:
         try:
             body = self._chain()
         except (ChainFailed, Stopped) as exc:
-            log.info(
-                "job %s agent %s ended failed kind=%s",
-                self.job.job_id,
-                self.agent.name,
-                exc.info()["kind"],
-            )
             body = {"type": "failed", "error": exc.info(), "attempts": self._attempts()}
         except Exception:
             failed = {
@@ -335,16 +326,7 @@ class _JobRun:
         except Stopped as exc:
             self._record(n, model, attempt, exc, began, state)
             raise
-        latency = self._record(n, model, attempt, error, began, state)
-        log.info(
-            "job %s agent %s model %s attempt %d outcome %s latency %.3fs",
-            self.job.job_id,
-            self.agent.name,
-            model.name,
-            attempt,
-            "ok" if error is None else error.kind,
-            latency,
-        )
+        self._record(n, model, attempt, error, began, state)
         return state, error
 
     def _record(
@@ -355,7 +337,7 @@ class _JobRun:
         error: ProviderError | Stopped | None,
         began: float,
         state: _AttemptState,
-    ) -> float:
+    ) -> None:
         latency = self.clock.monotonic() - began
         self.usage = self.usage + state.usage
         self.records.append(
@@ -369,7 +351,6 @@ class _JobRun:
                 usage=state.usage,
             )
         )
-        return latency
 
     def _stream(self, model: ModelRef, n: int, state: _AttemptState) -> None:
         provider = self.x._providers.get(model.provider)

@@ -26,7 +26,7 @@ from typing import Any
 
 from worker.control import CancelListener
 from worker.errors import InvalidJob, JobError, UnknownAgent
-from worker.events import Event, EventSink
+from worker.events import Event, EventSink, result_of
 from worker.jobs import JOB_ID_PATTERN, parse_job
 from worker.lease import Leases
 from worker.observer import observe, observe_rejected
@@ -154,8 +154,7 @@ class Service:
         observe_rejected(job_id, error)
         sink = RedisEventLog(rt.redis, rt.keys, job_id, rt.clock, ttl_s=rt.settings.event_ttl)
         event = sink.emit({"type": "failed", "error": error.info(), "attempts": []})
-        result = {k: v for k, v in event.items() if k not in ("seq", "ts", "type")}
-        result["status"] = "failed"
+        result = result_of(event)
         self._store(job_id, result)
         return result
 

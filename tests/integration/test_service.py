@@ -415,3 +415,23 @@ def test_service_stream_outliving_the_visibility_timeout_runs_once(
     assert "restarted" not in [e["type"] for e in events]
     assert mock.count("slow") == 1
     assert "running elsewhere; dropping this delivery" in worker.output()
+
+
+def test_service_worker_refuses_bad_settings_with_one_clear_line(stack: Stack) -> None:
+    """A worker started with default Flower credentials in production exits 1, saying why."""
+    import subprocess
+    import sys
+
+    env = dict(stack.env, RELIEVER_ENVIRONMENT="production")
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "worker", "worker", "--pool", "solo"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert done.returncode == 1
+    assert "reliever: bad settings: RELIEVER_FLOWER_BASIC_AUTH must be set" in done.stderr
+    assert "Traceback" not in done.stderr
