@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     otlp_endpoint: str | None = Field(
         None, description="OTLP/HTTP traces URL; unset = the OTEL_EXPORTER_OTLP_* variables"
     )
+    redis_max_connections: int = Field(
+        1000, gt=0, description="connections a worker process may open to REDIS_URL"
+    )
     lease_ttl_s: float = Field(15.0, gt=0, description="a running job's lease; renewed every third")
     visibility_timeout_s: int = Field(
         3600, gt=0, description="broker redelivery of unacked messages: the last resort"

@@ -43,7 +43,9 @@ from worker.errors import (
     ContextOverflow,
     DeadlineExceeded,
     FatalError,
+    InternalError,
     ProviderError,
+    ProviderTimeout,
     RateLimited,
     RetryableError,
     Stopped,
@@ -110,6 +112,18 @@ class Outcome:
         return result_of(self.terminal)
 
 
+def arms_cooldown(kind: str, *, cooldown_on_exhausted: bool) -> bool:
+    """Whether a model's final failure of this ``kind`` may pin its agent (rule 7).
+
+    A transient failure only when the model used up its retries and the agent says so; a
+    context overflow never (the prompt was too long, the model is healthy); any other
+    non-retryable failure (429, other 4xx) always.
+    """
+    if kind in (RetryableError.kind, ProviderTimeout.kind):
+        return cooldown_on_exhausted
+    return kind != ContextOverflow.kind
+
+
 def _assemble_tool_calls(state: _AttemptState, n: int) -> list[dict[str, Any]]:
     calls = []
     for index in sorted(state.tool_calls):
@@ -155,8 +169,18 @@ class ChainExecutor:
         *,
         cancel: CancelToken | None = None,
         deadline: Deadline | None = None,
+        first_n: int = 0,
     ) -> Outcome:
         """Run ``job`` to its terminal event, which this method always emits.
+
+        Args:
+            job: the validated job.
+            agent: its agent.
+            sink: where the events go.
+            cancel: set to stop the job.
+            deadline: the job's deadline (default: ``job.deadline_s`` from now).
+            first_n: attempts a lost earlier run of this job already published; this
+                run's attempt numbers ``n`` continue after them.
 
         Raises:
             Exception: only a bug; ``failed`` (kind ``internal``) was emitted first.
@@ -169,6 +193,7 @@ class ChainExecutor:
             cancel=cancel or CancelToken(),
             deadline=deadline or Deadline.after(self._clock, job.deadline_s),
         )
+        run.n = first_n
         return run.execute()
 
 
@@ -208,7 +233,7 @@ class _JobRun:
         except Exception:
             failed = {
                 "type": "failed",
-                "error": {"kind": "internal", "message": "internal error in the worker"},
+                "error": InternalError("internal error in the worker").info(),
                 "attempts": self._attempts(),
             }
             self.sink.emit(failed)
@@ -294,9 +319,10 @@ class _JobRun:
                 self._wait(delay)
             assert last_error is not None
             final_errors.append(last_error)
-            if idx == 0 and self._arms_cooldown(last_error):
+            arms = arms_cooldown(last_error.kind, cooldown_on_exhausted=agent.cooldown_on_exhausted)
+            if idx == 0 and arms:
                 primary_failure = last_error
-            if in_cooldown and idx == start:
+            if in_cooldown and idx == start and arms:
                 pin_failure = last_error
         assert last_error is not None
         raise self._chain_failed(final_errors, last_error)
@@ -423,13 +449,6 @@ class _JobRun:
         wait_s = delay_s if remaining is None else min(delay_s, remaining)
         self.clock.sleep(wait_s, wake=self.cancel.event)
         self._check_stop()
-
-    def _arms_cooldown(self, error: ProviderError) -> bool:
-        if isinstance(error, RetryableError):
-            return self.agent.cooldown_on_exhausted
-        # An overflow says this prompt is too long for the model, not that the model is
-        # unwell: pinning every later job of the agent to the fallback would be wrong.
-        return not isinstance(error, ContextOverflow)
 
     def _succeed(
         self,

@@ -40,20 +40,20 @@ class CancelListener:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def register(self, job_id: str) -> CancelToken:
-        """A token for a job starting here; already set if the job was cancelled."""
-        token = CancelToken()
+    def register(self, job_id: str, token: CancelToken) -> None:
+        """Deliver cancels of ``job_id`` to ``token`` (set at once if already cancelled)."""
         with self._lock:
             self._tokens[job_id] = token
         # Checked after registering: a cancel published before the registration was
         # missed by the listener, but its key is already there.
         if self._redis.exists(self._keys.cancel(job_id)):
             token.cancel()
-        return token
 
-    def unregister(self, job_id: str) -> None:
+    def unregister(self, job_id: str, token: CancelToken) -> None:
+        """Stop delivering to ``token`` (another run's token for the job stays)."""
         with self._lock:
-            self._tokens.pop(job_id, None)
+            if self._tokens.get(job_id) is token:
+                del self._tokens[job_id]
 
     def deliver(self, job_id: str) -> None:
         with self._lock:

@@ -156,10 +156,6 @@ class ChainFailed(RelieverError):
         out["message"] = self.message
         return out
 
-    @property
-    def terminal_kind(self) -> str:
-        return self._kind
-
 
 class Stopped(RelieverError):
     """The job was stopped from outside the chain: not any model's fault."""

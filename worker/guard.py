@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import select
+import selectors
 import socket
 import threading
 import time
@@ -88,35 +88,35 @@ class StreamGuard:
     def saw_bytes(self) -> None:
         self._last_read = self._clock.monotonic()
 
-    def _next_trip(self) -> tuple[float, RelieverError]:
-        candidates: list[tuple[float, RelieverError]] = [
-            (self._total_at, ProviderTimeout("no complete answer within the total timeout")),
-        ]
+    def _next_trip(self) -> tuple[float, str]:
+        """When the nearest budget runs out, and which (checked on every read: no allocation)."""
+        at, which = self._total_at, "total"
         if self._first_delta:
-            candidates.append(
-                (
-                    self._last_read + self._idle_s,
-                    ProviderTimeout(f"the stream went quiet for {self._idle_s:g}s (idle timeout)"),
-                )
-            )
-        else:
-            candidates.append(
-                (
-                    self._first_token_at,
-                    ProviderTimeout("no first token within the first_token timeout"),
-                )
-            )
-        if self._deadline_at is not None:
-            candidates.append((self._deadline_at, DeadlineExceeded("the job's deadline passed")))
-        return min(candidates, key=lambda c: c[0])
+            idle_at = self._last_read + self._idle_s
+            if idle_at < at:
+                at, which = idle_at, "idle"
+        elif self._first_token_at < at:
+            at, which = self._first_token_at, "first_token"
+        if self._deadline_at is not None and self._deadline_at < at:
+            at, which = self._deadline_at, "deadline"
+        return at, which
+
+    def _error(self, which: str) -> RelieverError:
+        if which == "deadline":
+            return DeadlineExceeded("the job's deadline passed")
+        if which == "idle":
+            return ProviderTimeout(f"the stream went quiet for {self._idle_s:g}s (idle timeout)")
+        if which == "first_token":
+            return ProviderTimeout("no first token within the first_token timeout")
+        return ProviderTimeout("no complete answer within the total timeout")
 
     def check(self) -> None:
         """Raise the error of a budget that ran out, or :class:`Cancelled`."""
         if self._cancel.cancelled:
             raise Cancelled("the job was cancelled")
-        at, error = self._next_trip()
+        at, which = self._next_trip()
         if self._clock.monotonic() >= at:
-            raise error
+            raise self._error(which)
 
     def seconds_left(self) -> float:
         """Seconds until the nearest budget runs out (never negative)."""
@@ -234,14 +234,17 @@ def _connect_watching(
                     sock.bind((local_address, 0))
                 sock.setblocking(False)
                 code = sock.connect_ex(address)
-                while code in (errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK):
-                    guard.check()
-                    left = CONNECT_POLL_S if ends_at is None else ends_at - time.monotonic()
-                    if left <= 0:
-                        raise TimeoutError("timed out")
-                    _, writable, _ = select.select([], [sock], [], min(left, CONNECT_POLL_S))
-                    if writable:
-                        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                # A selector, not select.select: that fails for descriptors above 1023,
+                # which a worker holding hundreds of streams has.
+                with selectors.DefaultSelector() as selector:
+                    selector.register(sock, selectors.EVENT_WRITE)
+                    while code in (errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK):
+                        guard.check()
+                        left = CONNECT_POLL_S if ends_at is None else ends_at - time.monotonic()
+                        if left <= 0:
+                            raise TimeoutError("timed out")
+                        if selector.select(min(left, CONNECT_POLL_S)):
+                            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if code:
                     raise OSError(code, os.strerror(code))
                 sock.settimeout(None)

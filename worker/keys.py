@@ -14,6 +14,7 @@ key                       type        what
 ``{p}:lease:{job}``       string      the running worker's lease (short TTL, renewed)
 ``{p}:running``           hash        job id -> the job, for re-enqueueing lost jobs
 ``{p}:result:{job}``      string      the job's result (JSON), TTL = result expiry
+``{p}:deadline:{job}``    string      the job's deadline (epoch s), fixed by its first run
 ========================  ==========  ================================================
 
 Pub/sub channels ignore Redis database numbers, so the prefix is what keeps two
@@ -55,3 +56,6 @@ class Keys:
 
     def result(self, job_id: str) -> str:
         return f"{self.prefix}:result:{job_id}"
+
+    def deadline(self, job_id: str) -> str:
+        return f"{self.prefix}:deadline:{job_id}"

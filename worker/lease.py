@@ -75,7 +75,7 @@ class Leases:
         self._held: dict[str, tuple[str, Callable[[], None]]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     def acquire(
         self, job_id: str, message: dict[str, Any], on_lost: Callable[[], None]
@@ -106,10 +106,16 @@ class Leases:
         """Renew every lease this process holds; call ``on_lost`` for those taken over."""
         with self._lock:
             held = list(self._held.items())
-        for job_id, (token, on_lost) in held:
-            renewed = self._renew(
-                keys=[self._keys.lease(job_id)], args=[token, round(self.ttl_s * 1000)]
+        if not held:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id, (token, _) in held:
+            self._renew(
+                keys=[self._keys.lease(job_id)],
+                args=[token, round(self.ttl_s * 1000)],
+                client=pipe,
             )
+        for (job_id, (_, on_lost)), renewed in zip(held, pipe.execute(), strict=True):
             if not renewed:
                 log.warning("job %s: lease lost to another worker; stopping this run", job_id)
                 with self._lock:
@@ -117,32 +123,58 @@ class Leases:
                 on_lost()
 
     def claim_lost(self) -> list[dict[str, Any]]:
-        """Remove and return the messages of running jobs whose lease lapsed."""
-        lost = []
-        for job_id_raw, message in self._redis.hscan_iter(self._keys.running()):
-            job_id = job_id_raw.decode() if isinstance(job_id_raw, bytes) else str(job_id_raw)
-            if self._claim(keys=[self._keys.lease(job_id), self._keys.running()], args=[job_id]):
-                lost.append(json.loads(message))
-        return lost
+        """Remove and return the messages of running jobs whose lease lapsed.
 
-    def start(self, *, on_tick: Callable[[], None] | None = None) -> None:
-        """Start the keeper thread: renew every ``ttl/3`` and run ``on_tick`` (the reaper)."""
-        if self._thread is not None:
+        One round trip per page of the running hash; each claim is atomic, so of all the
+        workers reaping at once exactly one gets each lost job.
+        """
+        lost: list[dict[str, Any]] = []
+        cursor = 0
+        while True:
+            reply: Any = self._redis.hscan(self._keys.running(), cursor, count=200)
+            cursor, page = reply
+            if page:
+                pipe = self._redis.pipeline(transaction=False)
+                entries = list(page.items())
+                for job_id, _ in entries:
+                    name = job_id.decode() if isinstance(job_id, bytes) else str(job_id)
+                    self._claim(
+                        keys=[self._keys.lease(name), self._keys.running()],
+                        args=[name],
+                        client=pipe,
+                    )
+                for (_, message), claimed in zip(entries, pipe.execute(), strict=True):
+                    if claimed:
+                        lost.append(json.loads(message))
+            if cursor == 0:
+                return lost
+
+    def put_back(self, message: dict[str, Any]) -> None:
+        """List a claimed job as running again (its re-enqueue failed; the next reap retries)."""
+        self._redis.hsetnx(self._keys.running(), message["job_id"], json.dumps(message))
+
+    def start(self, *, reap: Callable[[], None] | None = None) -> None:
+        """Start the renewer thread and, with ``reap``, the reaper; both every ``ttl/3``."""
+        if self._threads:
             return
+        jobs = [("reliever-leases", self.renew_all)]
+        if reap is not None:
+            jobs.append(("reliever-reaper", reap))
+        for name, job in jobs:
+            thread = threading.Thread(target=self._every, args=(job,), name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
-        def loop() -> None:
-            while not self._stop.wait(self.ttl_s / 3):
-                try:
-                    self.renew_all()
-                    if on_tick is not None:
-                        on_tick()
-                except redis.RedisError as exc:
-                    log.warning("lease keeper: Redis error %s; retrying", type(exc).__name__)
-
-        self._thread = threading.Thread(target=loop, name="reliever-leases", daemon=True)
-        self._thread.start()
+    def _every(self, job: Callable[[], None]) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                job()
+            except Exception:
+                # Renewing leases and reaping are this process's duty to every job: no
+                # error may end them. The next tick tries again.
+                log.exception("lease upkeep failed; retrying at the next tick")
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        for thread in self._threads:
+            thread.join(timeout=5)

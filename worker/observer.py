@@ -50,6 +50,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from worker.agents import Agent, ModelRef
+from worker.chain import arms_cooldown
 from worker.clock import Clock
 from worker.errors import JobError
 from worker.events import Event, EventSink
@@ -65,7 +66,6 @@ NO_SENTRY_KINDS = frozenset({"cancelled", "internal", "invalid_job", "unknown_ag
 STOPPED_KINDS = frozenset({"cancelled", "deadline_exceeded"})
 REJECTED_AGENT = "-"
 """The agent label of rejected jobs: the job's own agent may be any string."""
-_RETRYABLE_KINDS = frozenset({"retryable", "timeout"})
 _GENAI_PROVIDER = {"gemini": "gcp.gemini"}
 
 
@@ -290,13 +290,18 @@ class ObservingSink:
         primary = agent.chain[0].name
         if winner is None or winner == primary:
             return False
+        arms = agent.cooldown_on_exhausted
         primary_kind = job.last_kind.get(primary)
-        if primary_kind is not None and (
-            primary_kind not in _RETRYABLE_KINDS or agent.cooldown_on_exhausted
-        ):
+        if primary_kind is not None and arms_cooldown(primary_kind, cooldown_on_exhausted=arms):
             return True
         start = job.start_model
-        return job.in_cooldown and start is not None and start != winner and start in job.last_kind
+        start_kind = job.last_kind.get(start) if start is not None else None
+        return (
+            job.in_cooldown
+            and start != winner
+            and start_kind is not None
+            and arms_cooldown(start_kind, cooldown_on_exhausted=arms)
+        )
 
     def _abandon(self, exc: BaseException) -> None:
         """The run stopped without a terminal event (its lease was lost, or Redis failed)."""

@@ -1,35 +1,44 @@
 """The Redis event sink: every event to the replay log and the live channel, in order.
 
-One Lua script delivers a batch of events in one round trip: for each event it appends
-to the replay log (``XADD {p}:log:{job}``, field ``e``) and publishes on
-``{p}:events:{job}``, then stores the last seq (``{p}:seq:{job}``) and refreshes both keys'
-TTL (``EVENT_TTL``). The script first checks the job's lease token, so a worker that lost
-its lease (it was presumed dead and the job re-enqueued) cannot write into the stream of
-the run that replaced it.
+Each job's events are appended to its replay log (``XADD {p}:log:{job}``, fields ``s`` =
+seq and ``e`` = the event JSON) and published on ``{p}:events:{job}`` by one Lua script,
+which also stores the last seq (``{p}:seq:{job}``) and refreshes both keys' TTL
+(``EVENT_TTL``). The script first checks the job's lease token, so a worker that lost its
+lease (it was presumed dead and the job re-enqueued) cannot write into the stream of the
+run that replaced it.
 
-seq lives in Redis: a sink starts from the stored seq, so a redelivered job continues the
-numbering. Delta coalescing: with a flush window above zero, a text delta that comes a
-whole window after the sink last delivered deltas goes out at once (so the first token
-and the tokens of a slow stream never wait); the consecutive text deltas of one attempt
-that follow within the window are merged into one event, delivered once the window since
-that last delivery has passed (a process-wide flusher thread bounds the wait when the
-stream goes quiet, ticking every half window). No delta waits much more than a window;
-content and order stay exact.
+One :class:`EventWriter` thread per process delivers the events of every job running
+there, group-commit style: whatever accumulated while its previous write was in flight
+goes out in one pipelined round trip, one script call per job. A job thread never waits
+for Redis on a delta; it waits on the other events (``started``, ``attempt``, ``retry``,
+``fallback``, terminal …), so those are stored before the job goes on. Under load,
+consecutive text deltas of one attempt that queued up together are merged into one event
+(content and order exact); an optional window (``DELTA_FLUSH_MS``) holds deltas a little
+longer to merge more. seq is assigned at write time and lives in Redis, so a redelivered
+job continues the numbering and merging leaves no gaps.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import threading
+import time
 import weakref
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
 from worker.clock import Clock
-from worker.events import TERMINAL_TYPES, Event, encode, stamp
+from worker.events import Event, encode, stamp
 from worker.keys import Keys
+from worker.retry import retry_redis_blips
 
+log = logging.getLogger(__name__)
+
+# Idempotent: an event whose seq is already stored is skipped, so a batch retried after a
+# lost reply (the script ran, the answer did not arrive) is not appended twice.
 _APPEND = """
 if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return -1
@@ -37,32 +46,172 @@ end
 local ttl = tonumber(ARGV[2])
 local first = tonumber(ARGV[4])
 local n = #ARGV - 4
+local stored = tonumber(redis.call('GET', KEYS[3]) or '0')
+local wrote = 0
 for i = 1, n do
-  redis.call('XADD', KEYS[2], '*', 's', first + i - 1, 'e', ARGV[4 + i])
-  redis.call('PUBLISH', ARGV[3], ARGV[4 + i])
+  if first + i - 1 > stored then
+    redis.call('XADD', KEYS[2], '*', 's', first + i - 1, 'e', ARGV[4 + i])
+    redis.call('PUBLISH', ARGV[3], ARGV[4 + i])
+    wrote = wrote + 1
+  end
 end
-redis.call('SET', KEYS[3], first + n - 1, 'EX', ttl)
+if first + n - 1 > stored then
+  stored = first + n - 1
+end
+redis.call('SET', KEYS[3], stored, 'EX', ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
-return n
+return wrote
 """
+
+ACK_TIMEOUT_S = 30.0
+"""The longest a job thread waits for its event to be stored (Redis has its own timeouts)."""
 
 
 class LeaseLost(Exception):
     """Another worker owns this job now; this run must stop writing and give up."""
 
 
+@dataclass(slots=True)
+class _Item:
+    sink: RedisEventLog
+    body: Event | None
+    ts: float
+    at: float
+    done: threading.Event | None = None
+    event: Event | None = None
+
+
+@dataclass(slots=True)
+class _Batch:
+    sink: RedisEventLog
+    events: list[Event] = field(default_factory=list)
+
+
+class EventWriter:
+    """Delivers the events of every job in this process, in order, in pipelined batches.
+
+    Args:
+        client: Redis.
+        window_s: hold deltas up to this long (from the oldest queued) to merge more;
+            0 writes as soon as the previous write is done.
+    """
+
+    def __init__(self, client: redis.Redis, *, window_s: float = 0.0) -> None:
+        self._redis = client
+        self._window_s = window_s
+        self._script = client.register_script(_APPEND)
+        self._cond = threading.Condition()
+        self._queue: deque[_Item] = deque()
+        self._waiters = 0
+        self._thread = threading.Thread(target=self._loop, name="reliever-events", daemon=True)
+        self._thread.start()
+
+    def submit(self, item: _Item) -> None:
+        with self._cond:
+            self._queue.append(item)
+            if item.done is not None:
+                self._waiters += 1
+            self._cond.notify()
+
+    def _take(self) -> list[_Item]:
+        with self._cond:
+            while not self._queue:
+                self._cond.wait()
+            if self._window_s > 0:
+                until = self._queue[0].at + self._window_s
+                while not self._waiters and (left := until - time.monotonic()) > 0:
+                    self._cond.wait(left)
+            items = list(self._queue)
+            self._queue.clear()
+            self._waiters = 0
+            return items
+
+    def _loop(self) -> None:
+        while True:
+            items = self._take()
+            try:
+                self._write(items)
+            except Exception as exc:  # noqa: BLE001 - one bad batch must not stop the writer
+                # The jobs of this batch learn it on their next event; the writer goes on
+                # serving every other job.
+                log.warning("writing events failed: %s", type(exc).__name__)
+                for item in items:
+                    item.sink.fail(exc)
+            finally:
+                for item in items:
+                    if item.done is not None:
+                        item.done.set()
+
+    def _write(self, items: list[_Item]) -> None:
+        batches: dict[int, _Batch] = {}
+        for item in items:
+            batch = batches.setdefault(id(item.sink), _Batch(item.sink))
+            if item.body is None:
+                continue
+            body = item.body
+            last = batch.events[-1] if batch.events else None
+            if (
+                body["type"] == "delta"
+                and "text" in body
+                and last is not None
+                and last["type"] == "delta"
+                and "text" in last
+                and last["n"] == body["n"]
+            ):
+                last["text"] += body["text"]
+                item.event = last
+                continue
+            event = batch.sink.stamp_next(body, item.ts)
+            batch.events.append(event)
+            item.event = event
+        live = [b for b in batches.values() if b.events and b.sink.failure is None]
+        if not live:
+            return
+        results = self._send(live)
+        for batch, result in zip(live, results, strict=True):
+            if isinstance(result, Exception):
+                batch.sink.fail(result)
+            elif result == -1:
+                batch.sink.fail(LeaseLost(f"job {batch.sink.job_id}: the lease moved elsewhere"))
+
+    @retry_redis_blips
+    def _send(self, live: list[_Batch]) -> list[Any]:
+        pipe = self._redis.pipeline(transaction=False)
+        for batch in live:
+            batch.sink.queue_write(self._script, pipe, batch.events)
+        results: list[Any] = pipe.execute(raise_on_error=False)
+        return results
+
+
+_writers: weakref.WeakKeyDictionary[redis.Redis, dict[float, EventWriter]] = (
+    weakref.WeakKeyDictionary()
+)
+_writers_lock = threading.Lock()
+
+
+def shared_writer(client: redis.Redis, window_s: float = 0.0) -> EventWriter:
+    """The process's writer for ``client`` (one per client and window)."""
+    with _writers_lock:
+        per_client = _writers.setdefault(client, {})
+        writer = per_client.get(window_s)
+        if writer is None:
+            writer = per_client[window_s] = EventWriter(client, window_s=window_s)
+        return writer
+
+
 class RedisEventLog:
-    """The event sink of one job run on a worker.
+    """The event sink of one job run.
 
     Args:
         client: Redis.
         keys: the key space.
         job_id: the job.
-        clock: the time source for ``ts`` and the flush window.
+        clock: the time source for ``ts``.
         ttl_s: how long the replay log lives after the last event.
         lease_token: the run's lease token; writes are refused when the lease moved on
             (empty: no lease check, for runs outside a worker).
-        flush_window_s: delta coalescing window; 0 publishes each delta at once.
+        flush_window_s: how long deltas may wait to be merged (0: only what queues up
+            while a write is in flight).
     """
 
     def __init__(
@@ -76,136 +225,62 @@ class RedisEventLog:
         lease_token: str = "",
         flush_window_s: float = 0.0,
     ) -> None:
-        self._redis = client
         self._keys = keys
         self.job_id = job_id
         self._clock = clock
         self._ttl_s = ttl_s
         self._token = lease_token
-        self._window_s = flush_window_s
-        self._script = client.register_script(_APPEND)
-        self._lock = threading.Lock()
-        self._pending: list[Event] = []
-        # When deltas were last delivered (monotonic): the coalescing window counts from it.
-        self._flushed_at = float("-inf")
+        self._writer = shared_writer(client, flush_window_s)
+        self.failure: BaseException | None = None
         stored = client.get(keys.seq(job_id))
         self._next = int(stored) + 1 if stored is not None else 1
-        if flush_window_s > 0:
-            _flusher(flush_window_s).watch(self)
-
-    @property
-    def last_seq(self) -> int:
-        """The seq of the last event stamped (0 before any)."""
-        return self._next - 1
+        self.last_seq = self._next - 1
+        """The seq stored before this run began (0 for a job that never published)."""
 
     def emit(self, body: Event) -> Event:
-        with self._lock:
-            coalesce = self._window_s > 0 and body["type"] == "delta" and "text" in body
-            if coalesce:
-                last = self._pending[-1] if self._pending else None
-                if last is not None and last.get("text") is not None and last["n"] == body["n"]:
-                    last["text"] += body["text"]
-                    merged = last
-                else:
-                    merged = self._stamp(body)
-                    self._pending.append(merged)
-                self._flush_deltas_if_due()
-                return merged
-            event = self._stamp(body)
-            self._pending.append(event)
-            self._flush_locked()
-            return event
+        self._raise_failure()
+        ts = self._clock.time()
+        if body["type"] == "delta":
+            self._writer.submit(_Item(self, body, ts, time.monotonic()))
+            return {"job_id": self.job_id, "type": "delta", "ts": ts, **body}
+        item = self._wait(_Item(self, body, ts, time.monotonic(), threading.Event()))
+        assert item.event is not None
+        return item.event
 
-    def _stamp(self, body: Event) -> Event:
-        event = stamp(self.job_id, self._next, self._clock.time(), body)
+    def close(self) -> None:
+        """Wait until every event emitted so far is stored."""
+        self._wait(_Item(self, None, 0.0, time.monotonic(), threading.Event()))
+
+    def _wait(self, item: _Item) -> _Item:
+        assert item.done is not None
+        self._writer.submit(item)
+        if not item.done.wait(ACK_TIMEOUT_S):
+            raise redis.TimeoutError(
+                f"job {self.job_id}: events not stored within {ACK_TIMEOUT_S}s"
+            )
+        self._raise_failure()
+        return item
+
+    def _raise_failure(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    def fail(self, error: BaseException) -> None:
+        """Called by the writer: this run's events can no longer be written."""
+        if self.failure is None:
+            self.failure = error
+
+    def stamp_next(self, body: Event, ts: float) -> Event:
+        """Give ``body`` the next seq (called by the writer, in delivery order)."""
+        event = stamp(self.job_id, self._next, ts, body)
         self._next += 1
         return event
 
-    def flush_if_due(self) -> None:
-        """Deliver buffered deltas whose window has passed (the flusher thread calls this)."""
-        with self._lock:
-            if self._pending:
-                self._flush_deltas_if_due()
-
-    def _flush_deltas_if_due(self) -> None:
-        now = self._clock.monotonic()
-        if now - self._flushed_at >= self._window_s:
-            self._flush_locked()
-            self._flushed_at = now
-
-    def close(self) -> None:
-        with self._lock:
-            self._flush_locked()
-        if self._window_s > 0:
-            _flusher(self._window_s).forget(self)
-
-    def _flush_locked(self) -> None:
-        if not self._pending:
-            return
-        batch, self._pending = self._pending, []
-        first = batch[0]["seq"]
-        written = self._script(
-            keys=[
-                self._keys.lease(self.job_id),
-                self._keys.log(self.job_id),
-                self._keys.seq(self.job_id),
-            ],
-            args=[self._token, self._ttl_s, self._keys.events(self.job_id), first]
-            + [encode(e) for e in batch],
+    def queue_write(self, script: Any, pipe: Any, events: list[Event]) -> None:
+        job_id = self.job_id
+        script(
+            keys=[self._keys.lease(job_id), self._keys.log(job_id), self._keys.seq(job_id)],
+            args=[self._token, self._ttl_s, self._keys.events(job_id), events[0]["seq"]]
+            + [encode(e) for e in events],
+            client=pipe,
         )
-        if written == -1:
-            raise LeaseLost(f"job {self.job_id}: the lease moved to another worker")
-
-
-def terminal_in_log(client: redis.Redis, keys: Keys, job_id: str) -> Event | None:
-    """The job's terminal event if its replay log holds one (read from the end)."""
-    entries: Any = client.xrevrange(keys.log(job_id), count=1)
-    for _entry_id, fields in entries:
-        event: Event = json.loads(fields[b"e"])
-        if event.get("type") in TERMINAL_TYPES:
-            return event
-    return None
-
-
-class _Flusher:
-    """One thread per process that flushes sinks whose coalescing window has passed."""
-
-    def __init__(self, window_s: float) -> None:
-        self._window_s = window_s
-        self._sinks: weakref.WeakSet[RedisEventLog] = weakref.WeakSet()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._loop, name="reliever-flusher", daemon=True)
-        self._thread.start()
-
-    def watch(self, sink: RedisEventLog) -> None:
-        with self._lock:
-            self._sinks.add(sink)
-
-    def forget(self, sink: RedisEventLog) -> None:
-        with self._lock:
-            self._sinks.discard(sink)
-
-    def _loop(self) -> None:
-        stop = threading.Event()
-        while not stop.wait(self._window_s / 2):
-            with self._lock:
-                sinks = list(self._sinks)
-            for sink in sinks:
-                try:
-                    sink.flush_if_due()
-                except (redis.RedisError, LeaseLost):
-                    # The job's own thread meets the same error on its next emit and ends
-                    # the run; the flusher must keep serving the other jobs.
-                    continue
-
-
-_flushers: dict[float, _Flusher] = {}
-_flushers_lock = threading.Lock()
-
-
-def _flusher(window_s: float) -> _Flusher:
-    with _flushers_lock:
-        flusher = _flushers.get(window_s)
-        if flusher is None:
-            flusher = _flushers[window_s] = _Flusher(window_s)
-        return flusher

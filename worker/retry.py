@@ -12,13 +12,37 @@ import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import backoff
+import redis
 
 RETRY_AFTER_CAP_S = 60.0
 """The longest server-requested wait we honour (DESIGN rules 2 and 3)."""
 
+RETRY_AFTER_KEEP_S = 86_400.0
+"""The longest Retry-After an error keeps: a pin lasts that long at most (rule 7)."""
+
 Jitter = Callable[[float], float]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def retry_redis_blips(fn: F) -> F:
+    """Retry ``fn`` through a Redis connection blip: 3 tries within 2 s, then raise.
+
+    For short infrastructure calls only (writing events), never for model attempts, whose
+    waits must wake on cancellation: the chain owns that loop.
+    """
+    retried: F = backoff.on_exception(
+        backoff.expo,
+        (redis.ConnectionError, redis.TimeoutError),
+        max_tries=3,
+        max_time=2.0,
+        factor=0.05,
+        jitter=backoff.full_jitter,
+        logger=None,
+    )(fn)
+    return retried
 
 
 def proportional_jitter(fraction: float, rng: random.Random) -> Jitter:

@@ -66,9 +66,17 @@ def build_runtime(
                     f"{agents.source}: models.{model.name}.provider: "
                     f"no adapter for {model.provider!r} yet"
                 )
-    client = redis.Redis.from_url(
-        settings.redis_url, socket_timeout=5.0, socket_connect_timeout=5.0, health_check_interval=30
+    # A blocking pool: when every connection is in use a thread waits for one (bounded)
+    # instead of failing its job, as redis-py's default pool of 100 does under load.
+    pool = redis.BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        timeout=10,
+        socket_timeout=5.0,
+        socket_connect_timeout=5.0,
+        health_check_interval=30,
     )
+    client = redis.Redis(connection_pool=pool)
     keys = Keys(settings.key_prefix)
     store = cooldowns or RedisCooldownStore(client, keys)
     executor = ChainExecutor(

@@ -24,10 +24,11 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from worker.clock import CancelToken, Deadline
 from worker.control import CancelListener
 from worker.errors import InvalidJob, JobError, UnknownAgent
-from worker.events import Event, EventSink, result_of
-from worker.jobs import JOB_ID_PATTERN, parse_job
+from worker.events import TERMINAL_TYPES, Event, EventSink, result_of
+from worker.jobs import JOB_ID_PATTERN, Job, parse_job
 from worker.lease import Leases
 from worker.observer import observe, observe_rejected
 from worker.redis_events import LeaseLost, RedisEventLog
@@ -85,7 +86,7 @@ class Service:
     def start(self) -> None:
         """Start the cancel listener and the lease keeper (which also reaps)."""
         self.cancels.start()
-        self.leases.start(on_tick=self.reap)
+        self.leases.start(reap=self.reap)
 
     def stop(self) -> None:
         self.leases.stop()
@@ -95,7 +96,11 @@ class Service:
         """Re-enqueue the jobs whose worker died (their lease lapsed before they ended)."""
         for message in self.leases.claim_lost():
             log.warning("job %s lost its worker; re-enqueueing it", message.get("job_id"))
-            self._enqueue(message)
+            try:
+                self._enqueue(message)
+            except Exception:
+                self.leases.put_back(message)
+                raise
 
     def run(
         self, raw: Any, *, task_id: str, progress: Progress | None = None
@@ -117,27 +122,39 @@ class Service:
         except (InvalidJob, UnknownAgent) as exc:
             return self._reject(job_id, exc)
 
-        cancel = self.cancels.register(job_id)
+        cancel = CancelToken()
         token = self.leases.acquire(job_id, message, on_lost=cancel.cancel)
         if token is None:
-            self.cancels.unregister(job_id)
             log.info("job %s is running elsewhere; dropping this delivery", job_id)
             return None
-        sink = RedisEventLog(
-            rt.redis,
-            rt.keys,
-            job_id,
-            rt.clock,
-            ttl_s=rt.settings.event_ttl,
-            lease_token=token,
-            flush_window_s=rt.settings.delta_flush_ms / 1000.0,
-        )
         try:
+            ended = self._ended(job_id)
+            if ended is not None:
+                return ended
+            self.cancels.register(job_id, cancel)
+            sink = RedisEventLog(
+                rt.redis,
+                rt.keys,
+                job_id,
+                rt.clock,
+                ttl_s=rt.settings.event_ttl,
+                lease_token=token,
+                flush_window_s=rt.settings.delta_flush_ms / 1000.0,
+            )
+            attempts_so_far = 0
             if sink.last_seq > 0:
+                attempts_so_far = self._attempts_so_far(job_id)
                 sink.emit({"type": "restarted", "discard": True})
             events: EventSink = sink if progress is None else ProgressSink(sink, progress)
             events = observe(events, agent, rt.clock)
-            outcome = rt.executor.run(job, agent, events, cancel=cancel)
+            outcome = rt.executor.run(
+                job,
+                agent,
+                events,
+                cancel=cancel,
+                deadline=self._deadline(job),
+                first_n=attempts_so_far,
+            )
             sink.close()
             result = outcome.result()
             self._store(job_id, result)
@@ -146,8 +163,52 @@ class Service:
             log.warning("job %s: another worker took it over; this run stops", job_id)
             return None
         finally:
-            self.cancels.unregister(job_id)
+            self.cancels.unregister(job_id, cancel)
             self.leases.release(job_id, token)
+
+    def _ended(self, job_id: str) -> dict[str, Any] | None:
+        """The result of a job that already ended (checked again under the lease).
+
+        A worker can die between publishing the terminal event and storing the result; the
+        rerun then finds the terminal event in the log and must not run the job again.
+        """
+        rt = self.runtime
+        stored = rt.redis.get(rt.keys.result(job_id))
+        if stored is not None:
+            result: dict[str, Any] = json.loads(stored)
+            return result
+        entries: Any = rt.redis.xrevrange(rt.keys.log(job_id), count=1)
+        for _entry_id, fields in entries:
+            last: Event = json.loads(fields[b"e"])
+            if last.get("type") in TERMINAL_TYPES:
+                result = result_of(last)
+                self._store(job_id, result)
+                return result
+        return None
+
+    def _attempts_so_far(self, job_id: str) -> int:
+        """The highest attempt number a lost run published, so a rerun's ``n`` goes on."""
+        rt = self.runtime
+        highest = 0
+        entries: Any = rt.redis.xrange(rt.keys.log(job_id))
+        for _entry_id, fields in entries:
+            event = json.loads(fields[b"e"])
+            if event.get("type") == "attempt":
+                highest = max(highest, int(event["n"]))
+        return highest
+
+    def _deadline(self, job: Job) -> Deadline | None:
+        """The job's one deadline, fixed when its first run started (a rerun keeps it)."""
+        if job.deadline_s is None:
+            return None
+        rt = self.runtime
+        key = rt.keys.deadline(job.job_id)
+        mine = rt.clock.time() + job.deadline_s
+        earlier: Any = rt.redis.set(
+            key, repr(mine), nx=True, get=True, ex=int(job.deadline_s) + rt.settings.event_ttl
+        )
+        at_epoch = mine if earlier is None else float(earlier)
+        return Deadline(rt.clock, rt.clock.monotonic() + (at_epoch - rt.clock.time()))
 
     def _reject(self, job_id: str, error: JobError) -> dict[str, Any]:
         rt = self.runtime

@@ -281,7 +281,7 @@ def test_chain_503_retry_after_replaces_the_backoff_delay(
     assert outcome.status == "completed"
     retries = [e for e in sink.events if e["type"] == "retry"]
     assert [r["delay_s"] for r in retries] == [3.0, 60.0]
-    assert [r["error"]["retry_after_s"] for r in retries] == [3.0, 60.0]
+    assert [r["error"]["retry_after_s"] for r in retries] == [3.0, 600.0]
     assert clock.sleeps == [3.0, 60.0]
 
 
@@ -624,15 +624,16 @@ def test_chain_cooldown_set_after_fatal_primary_and_honoured_by_another_process(
 def test_chain_cooldown_lasts_for_a_longer_retry_after(
     agent, make_job, make_executor, sink_for, mock, redis_store, redis_client, keys
 ):
-    """A skipped 429 whose Retry-After outlasts the cooldown pins for the Retry-After."""
-    mock.script("primary", [Status(429, retry_after="30")])
+    """A skipped 429 whose Retry-After outlasts the cooldown pins for the Retry-After, even
+    one longer than the 60 s cap on waits."""
+    mock.script("primary", [Status(429, retry_after="600")])
     mock.script("backup", [Reply(text=B)])
     job = make_job()
 
     make_executor(redis_store).run(job, agent(cooldown="1s"), sink_for(job))
 
     pttl = redis_client.pttl(keys.cooldown("support"))
-    assert 1_000 < pttl <= 30_000
+    assert 590_000 < pttl <= 600_000
     assert redis_store.get("support").reason == "rate_limited"
 
 

@@ -232,9 +232,12 @@ def test_classify_response_html_page_is_described_not_dumped():
 
 
 def test_classify_response_retry_after_only_on_throttling_statuses():
-    """Retry-After is read on 429/503/529 (capped), ignored on other statuses."""
+    """Retry-After is read on 429/503/529 (kept up to a day: it sets the pin), else ignored."""
     assert classify_response(503, {"Retry-After": "7"}, "", now_s=NOW_S).retry_after_s == 7.0
-    assert classify_response(429, {"retry-after": "600"}, "", now_s=NOW_S).retry_after_s == 60.0
+    assert classify_response(429, {"retry-after": "600"}, "", now_s=NOW_S).retry_after_s == 600.0
+    assert classify_response(429, {"retry-after": "9999999"}, "", now_s=NOW_S).retry_after_s == (
+        86_400.0
+    )
     assert classify_response(429, {"retry-after-ms": "1500"}, "", now_s=NOW_S).retry_after_s == 1.5
     assert classify_response(529, {"retry-after": "2"}, "", now_s=NOW_S).retry_after_s == 2.0
     assert classify_response(500, {"retry-after": "7"}, "", now_s=NOW_S).retry_after_s is None
