@@ -16,6 +16,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 30.0
+WORKER_POOL = os.environ.get("RELIEVER_TEST_POOL", "gevent")
+"""The pool of the workers tests start: the Procfile's (RELIEVER_TEST_POOL=threads: the other)."""
 
 
 class WorkerProcess:
@@ -85,7 +87,7 @@ def running_worker(
     """A ``celery -A worker worker`` (threads pool, task events on), ready to consume."""
     cmd = [
         sys.executable, "-m", "celery", "-A", "worker", "worker",
-        "--pool", "threads", "--concurrency", str(concurrency),
+        "--pool", WORKER_POOL, "--concurrency", str(concurrency),
         "--prefetch-multiplier", "1", "-E", "--loglevel", "INFO",
         "--hostname", f"{name}@%h", "--without-mingle", "--without-gossip",
     ]  # fmt: skip

@@ -176,7 +176,9 @@ class GuardedStream(httpcore.NetworkStream):
             wait = left if timeout is None else min(timeout, left)
             try:
                 data = self._inner.read(max_bytes, wait)
-            except httpcore.ReadTimeout:
+            except Exception:
+                # A read cut short by interrupt() may fail rather than read as the end of
+                # the stream (gevent's sockets do): the guard's reason comes first.
                 guard.check()
                 raise
             # A shutdown by interrupt() reads as end-of-stream: say why instead.

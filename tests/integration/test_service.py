@@ -403,12 +403,31 @@ def test_service_sigkilled_worker_job_resumes_on_another_within_30s(
 def test_service_stream_outliving_the_visibility_timeout_runs_once(
     stack: Stack, mock: MockLLM
 ) -> None:
-    """A stream longer than a (test-shortened) visibility timeout is not run a second time."""
+    """A stream longer than a (test-shortened) visibility timeout is not run a second time.
+
+    Whether kombu's restore sweep redelivers within the stream depends on the pool (the
+    threads pool's consumer sweeps on its event loop, gevent's may not), so the test also
+    delivers the copy itself, exactly as a restored message arrives: same task id, same job.
+    """
     mock.script("slow", [Reply(delay_s=0.25, text=" ".join(["tick"] * 24))])
     env = {"RELIEVER_VISIBILITY_TIMEOUT_S": "2", "RELIEVER_UNACKED_RESTORE_INTERVAL_S": "1"}
     with stack.worker("a", concurrency=4, **env) as worker:
         job = stack.client.submit("slow", [{"role": "user", "content": "long"}])
-        events = list(job.events(timeout=30))
+        stream = job.events(timeout=30)
+        events = []
+        for event in stream:
+            events.append(event)
+            if event["type"] == "delta":
+                break
+        stack.send_raw(
+            {
+                "job_id": job.job_id,
+                "agent": "slow",
+                "messages": [{"role": "user", "content": "long"}],
+            },
+            task_id=job.job_id,
+        )
+        events += list(stream)
 
     assert events[-1]["type"] == "completed"
     assert [e["type"] for e in events].count("attempt") == 1
