@@ -9,9 +9,9 @@ run that replaced it.
 
 One :class:`EventWriter` thread per process delivers the events of every job running
 there, group-commit style: whatever accumulated while its previous write was in flight
-goes out in one pipelined round trip, one script call per job. A job thread never waits
-for Redis on a delta; it waits on the other events (``started``, ``attempt``, ``retry``,
-``fallback``, terminal …), so those are stored before the job goes on. Under load,
+goes out in one pipelined round trip, one script call per job. A job thread waits for its
+events to be stored (``started``, ``attempt``, the first delta of an attempt, ``retry``,
+``fallback``, terminal …) except for the deltas that follow a first one. Under load,
 consecutive text deltas of one attempt that queued up together are merged into one event
 (content and order exact); an optional window (``DELTA_FLUSH_MS``) holds deltas a little
 longer to merge more. seq is assigned at write time and lives in Redis, so a redelivered
@@ -232,6 +232,7 @@ class RedisEventLog:
         self._token = lease_token
         self._writer = shared_writer(client, flush_window_s)
         self.failure: BaseException | None = None
+        self._streaming_n: int | None = None
         stored = client.get(keys.seq(job_id))
         self._next = int(stored) + 1 if stored is not None else 1
         self.last_seq = self._next - 1
@@ -240,9 +241,14 @@ class RedisEventLog:
     def emit(self, body: Event) -> Event:
         self._raise_failure()
         ts = self._clock.time()
-        if body["type"] == "delta":
+        if body["type"] == "delta" and body["n"] == self._streaming_n:
             self._writer.submit(_Item(self, body, ts, time.monotonic()))
             return {"job_id": self.job_id, "type": "delta", "ts": ts, **body}
+        if body["type"] == "delta":
+            # The first delta of an attempt is waited for, like the events before it: a
+            # thread streaming a burst of tokens would otherwise hold the GIL for a whole
+            # switch interval (5 ms) before the writer thread runs and sends it.
+            self._streaming_n = body["n"]
         item = self._wait(_Item(self, body, ts, time.monotonic(), threading.Event()))
         assert item.event is not None
         return item.event

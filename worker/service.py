@@ -2,12 +2,12 @@
 
 For each delivered job message :meth:`Service.run`:
 
-1. takes the job id (the message's, else the task id), and returns the stored result if
-   the job already ended (a redelivery after the result was written calls no model);
+1. takes the job id (the message's, else the task id);
 2. validates the job and its agent; a bad one ends at once with ``failed``
    (``invalid_job`` / ``unknown_agent``) and is never retried;
 3. takes the job's lease; if a live run holds it, the message is a duplicate and is
-   dropped (returns None);
+   dropped (returns None); under the lease, a job that already ended (its result is
+   stored, or its log ends with a terminal event) returns that result and calls no model;
 4. publishes ``restarted`` (``discard: true``) when the job had published before (it is
    a rerun after a lost worker), runs the executor with the Redis event sink, stores the
    result and releases the lease.
@@ -108,11 +108,6 @@ class Service:
         """Run one delivered job message; None when it was a duplicate and was dropped."""
         rt = self.runtime
         job_id = job_id_of(raw, task_id)
-        stored = rt.redis.get(rt.keys.result(job_id))
-        if stored is not None:
-            log.info("job %s already ended; returning its stored result", job_id)
-            result: dict[str, Any] = json.loads(stored)
-            return result
         message = {**raw, "job_id": job_id} if isinstance(raw, dict) else raw
         try:
             job = parse_job(message, max_bytes=rt.settings.max_job_bytes)
@@ -173,11 +168,14 @@ class Service:
         rerun then finds the terminal event in the log and must not run the job again.
         """
         rt = self.runtime
-        stored = rt.redis.get(rt.keys.result(job_id))
+        pipe = rt.redis.pipeline(transaction=False)
+        pipe.get(rt.keys.result(job_id))
+        pipe.xrevrange(rt.keys.log(job_id), count=1)
+        stored, entries = pipe.execute()
         if stored is not None:
+            log.info("job %s already ended; returning its stored result", job_id)
             result: dict[str, Any] = json.loads(stored)
             return result
-        entries: Any = rt.redis.xrevrange(rt.keys.log(job_id), count=1)
         for _entry_id, fields in entries:
             last: Event = json.loads(fields[b"e"])
             if last.get("type") in TERMINAL_TYPES:
