@@ -13,7 +13,11 @@ from worker.service import Service
 
 
 class RelieverTask(Task[Any, Any]):
-    """Holds the process's service; built on first use, after any fork."""
+    """Holds the process's service, built once per worker process.
+
+    For the threads and gevent pools, where the worker is one process: the service starts
+    at ``worker_ready`` (idle workers reap and listen for cancels too) or on first use.
+    """
 
     # Flower shows a finished task's result repr: keep it to the outcome (job id, status,
     # model, finish, usage …); the answer text comes last in the result and is cut off.

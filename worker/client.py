@@ -18,6 +18,7 @@ schema directly (docs/protocol.md).
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -157,13 +158,15 @@ class Client:
         self.keys = Keys(settings.key_prefix)
         self.redis = redis.Redis.from_url(settings.redis_url)
         self._app: Any = None
+        self._app_lock = threading.Lock()
 
     def _celery(self) -> Any:
-        if self._app is None:
-            from worker.celery import create_app
+        with self._app_lock:
+            if self._app is None:
+                from worker.celery import create_app
 
-            self._app = create_app(self.settings)
-        return self._app
+                self._app = create_app(self.settings)
+            return self._app
 
     def submit(
         self,

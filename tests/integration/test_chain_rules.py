@@ -44,7 +44,9 @@ B = "hello from backup"
 T = "hello from third"
 NAMES = ("primary", "backup", "third")
 FAST_BACKOFF = {"base": "200ms", "factor": 2, "max": "2s", "jitter": 0}
-TINY_TIMEOUTS = {"connect": "1s", "first_token": "100ms", "idle": "100ms", "total": "5s"}
+# Tight enough that a 5 s stall proves the timeout fired, loose enough that the attempt
+# meant to succeed is not cut by a scheduling hiccup on a loaded 2-core machine.
+TINY_TIMEOUTS = {"connect": "1s", "first_token": "300ms", "idle": "300ms", "total": "5s"}
 TINY_BACKOFF = {"base": "1ms", "factor": 2, "max": "1ms", "jitter": 0}
 
 
@@ -660,7 +662,7 @@ def test_chain_cooldown_expires_by_redis_ttl_then_primary_is_tried(
     pttl = redis_client.pttl(key)
     give_up = time.monotonic() + 2.0
     while redis_client.exists(key) and time.monotonic() < give_up:
-        pass
+        time.sleep(0.005)  # poll Redis's own expiry gently; TTLs run on its clock
     make_executor(other_process_store).run(later, support, later_sink)
 
     assert 0 < pttl <= 100
@@ -1170,7 +1172,7 @@ def test_chain_first_token_timeout_closes_request_and_retries(
 
     make_executor(clock_=system).run(job, agents.agents["support"], sink)
 
-    assert time.monotonic() - began < 1.0
+    assert time.monotonic() - began < 2.5
     assert shape(sink.events) == [
         ("started", "primary", False),
         ("attempt", 1, "primary", 1, 2, False),
@@ -1199,7 +1201,7 @@ def test_chain_idle_timeout_closes_request_and_retries_with_discard(
 
     outcome = make_executor(clock_=system).run(job, agents.agents["support"], sink)
 
-    assert time.monotonic() - began < 1.0
+    assert time.monotonic() - began < 2.5
     assert shape(sink.events) == [
         ("started", "primary", False),
         ("attempt", 1, "primary", 1, 2, False),
@@ -1234,7 +1236,7 @@ def test_chain_total_timeout_closes_a_slow_but_steady_stream(
 
     outcome = make_executor(clock_=system).run(job, agents.agents["support"], sink)
 
-    assert time.monotonic() - began < 1.0
+    assert time.monotonic() - began < 1.8
     events = shape(sink.events)
     cut = next(i for i, e in enumerate(events) if e[0] == "fallback")
     assert events[:2] == [("started", "primary", False), ("attempt", 1, "primary", 1, 1, False)]
@@ -1469,7 +1471,7 @@ def test_chain_connect_timeout_is_a_timeout_not_a_status(
 
     outcome = make_executor(clock_=system).run(job, agents.agents["support"], sink)
 
-    assert time.monotonic() - began < 1.0
+    assert time.monotonic() - began < 2.5
     assert shape(sink.events) == [
         ("started", "dead", False),
         ("attempt", 1, "dead", 1, 1, False),
