@@ -21,22 +21,18 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from typing import Any
-
-import httpx
 
 from worker.agents import ModelRef
 from worker.classify import classify_stream_error
-from worker.clock import Clock
 from worker.errors import FatalError
 from worker.providers.base import (
+    Call,
     Delta,
     ProviderRequest,
+    SSEProvider,
     ToolCallPiece,
     Usage,
-    open_stream,
-    until_end_marker,
 )
 from worker.providers.messages import compact_json, stop_list, tool_input
 
@@ -318,33 +314,19 @@ def endpoint(base_url: str) -> str:
     return f"{base}/messages" if base.endswith("/v1") else f"{base}/v1/messages"
 
 
-class AnthropicProvider:
+class AnthropicProvider(SSEProvider):
     """Streams messages from the Anthropic API (or anything speaking it)."""
 
-    def __init__(self, client: httpx.Client, clock: Clock) -> None:
-        self._client = client
-        self._clock = clock
+    end_marker = "message_stop"
 
-    def stream(self, model: ModelRef, request: ProviderRequest) -> Iterator[Delta]:
-        key = model.api_key()
-        secrets = (key,) if key else ()
+    def prepare(self, model: ModelRef, request: ProviderRequest, key: str | None) -> Call:
         headers = {"anthropic-version": ANTHROPIC_VERSION}
         if key:
             headers["x-api-key"] = key
-        body = build_body(model, request)
-        parser = AnthropicStream(secrets)
-        with open_stream(
-            self._client,
-            endpoint(model.base_url),
+        parser = AnthropicStream((key,) if key else ())
+        return Call(
+            url=endpoint(model.base_url),
             headers=headers,
-            body=body,
-            model=model,
-            secrets=secrets,
-            clock=self._clock,
-        ) as source:
-            yield from until_end_marker(
-                source,
-                lambda sse: parser.feed(sse.event, sse.data, now_s=self._clock.time()),
-                secrets=secrets,
-                end_marker="message_stop",
-            )
+            body=build_body(model, request),
+            feed=lambda sse: parser.feed(sse.event, sse.data, now_s=self._clock.time()),
+        )

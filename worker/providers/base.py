@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import httpx
 from httpx_sse import EventSource, ServerSentEvent, SSEError
@@ -213,3 +213,52 @@ def until_end_marker(
                 raise
     if not done:
         raise RetryableError(f"the stream ended without its end marker {end_marker}")
+
+
+Feed = Callable[[ServerSentEvent], Iterable[Delta]]
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One provider request: where it goes, what it sends, and how to read its events."""
+
+    url: str
+    headers: Mapping[str, str]
+    body: Mapping[str, Any]
+    feed: Feed
+
+
+class SSEProvider:
+    """The shape every adapter shares: POST JSON, read the SSE answer to its end marker.
+
+    A subclass says how to build the request and read its events (:meth:`prepare`) and
+    names its end marker; the key handling, the error seam and the end of the stream
+    are the same for all.
+    """
+
+    end_marker: ClassVar[str]
+
+    def __init__(self, client: httpx.Client, clock: Clock) -> None:
+        self._client = client
+        self._clock = clock
+
+    def prepare(self, model: ModelRef, request: ProviderRequest, key: str | None) -> Call:
+        """The request for ``model`` (``key`` goes into a header, never into the URL)."""
+        raise NotImplementedError
+
+    def stream(self, model: ModelRef, request: ProviderRequest) -> Iterator[Delta]:
+        key = model.api_key()
+        secrets = (key,) if key else ()
+        call = self.prepare(model, request, key)
+        with open_stream(
+            self._client,
+            call.url,
+            headers=call.headers,
+            body=call.body,
+            model=model,
+            secrets=secrets,
+            clock=self._clock,
+        ) as source:
+            yield from until_end_marker(
+                source, call.feed, secrets=secrets, end_marker=self.end_marker
+            )

@@ -32,23 +32,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
-import httpx
-
 from worker.agents import ModelRef
 from worker.classify import classify_stream_error
-from worker.clock import Clock
 from worker.errors import FatalError
 from worker.providers.base import (
+    Call,
     Delta,
     ProviderRequest,
+    SSEProvider,
     ToolCallPiece,
     Usage,
-    open_stream,
-    until_end_marker,
 )
 from worker.providers.messages import compact_json, stop_list, tool_input
 
@@ -352,31 +349,17 @@ def endpoint(base_url: str, model: str) -> str:
     return f"{base}/models/{name}:streamGenerateContent?alt=sse"
 
 
-class GeminiProvider:
+class GeminiProvider(SSEProvider):
     """Streams content from the Gemini API."""
 
-    def __init__(self, client: httpx.Client, clock: Clock) -> None:
-        self._client = client
-        self._clock = clock
+    end_marker = "(a chunk with finishReason)"
 
-    def stream(self, model: ModelRef, request: ProviderRequest) -> Iterator[Delta]:
-        key = model.api_key()
-        secrets = (key,) if key else ()
-        headers = {"x-goog-api-key": key} if key else {}
+    def prepare(self, model: ModelRef, request: ProviderRequest, key: str | None) -> Call:
         body = build_body(model, request)
-        parser = GeminiStream(call_id_seed(body), secrets)
-        with open_stream(
-            self._client,
-            endpoint(model.base_url, model.model),
-            headers=headers,
+        parser = GeminiStream(call_id_seed(body), (key,) if key else ())
+        return Call(
+            url=endpoint(model.base_url, model.model),
+            headers={"x-goog-api-key": key} if key else {},
             body=body,
-            model=model,
-            secrets=secrets,
-            clock=self._clock,
-        ) as source:
-            yield from until_end_marker(
-                source,
-                lambda sse: parser.feed(sse.data, now_s=self._clock.time()),
-                secrets=secrets,
-                end_marker="(a chunk with finishReason)",
-            )
+            feed=lambda sse: parser.feed(sse.data, now_s=self._clock.time()),
+        )

@@ -13,19 +13,16 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
-
 from worker.agents import ModelRef
 from worker.classify import classify_stream_error
-from worker.clock import Clock
 from worker.errors import FatalError
 from worker.providers.base import (
+    Call,
     Delta,
     ProviderRequest,
+    SSEProvider,
     ToolCallPiece,
     Usage,
-    open_stream,
-    until_end_marker,
 )
 
 _FINISH = {
@@ -178,30 +175,16 @@ def parse_chunk(data: str, *, now_s: float, secrets: tuple[str, ...]) -> Iterato
     yield from deltas
 
 
-class OpenAIProvider:
+class OpenAIProvider(SSEProvider):
     """Streams chat completions from any OpenAI-compatible API."""
 
-    def __init__(self, client: httpx.Client, clock: Clock) -> None:
-        self._client = client
-        self._clock = clock
+    end_marker = "[DONE]"
 
-    def stream(self, model: ModelRef, request: ProviderRequest) -> Iterator[Delta]:
-        key = model.api_key()
+    def prepare(self, model: ModelRef, request: ProviderRequest, key: str | None) -> Call:
         secrets = (key,) if key else ()
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        url = f"{model.base_url}/chat/completions"
-        with open_stream(
-            self._client,
-            url,
-            headers=headers,
+        return Call(
+            url=f"{model.base_url}/chat/completions",
+            headers={"Authorization": f"Bearer {key}"} if key else {},
             body=build_body(model, request),
-            model=model,
-            secrets=secrets,
-            clock=self._clock,
-        ) as source:
-            yield from until_end_marker(
-                source,
-                lambda sse: parse_chunk(sse.data, now_s=self._clock.time(), secrets=secrets),
-                secrets=secrets,
-                end_marker="[DONE]",
-            )
+            feed=lambda sse: parse_chunk(sse.data, now_s=self._clock.time(), secrets=secrets),
+        )
