@@ -74,7 +74,6 @@ class StreamGuard:
         self._deadline_at = deadline_at
         self._last_read = self._started
         self._first_delta = False
-        self._lock = threading.Lock()
         self._sock: socket.socket | None = None
 
     def drain(self, grace_s: float) -> None:
@@ -124,16 +123,19 @@ class StreamGuard:
         return max(0.0, at - self._clock.monotonic())
 
     def attach(self, sock: socket.socket | None) -> None:
-        """Remember the socket the current read uses, so that a cancel can shut it."""
-        with self._lock:
-            self._sock = sock
+        """Remember the socket the current read uses, so that a cancel can shut it.
+
+        No lock (this runs twice per read): a cancel sets its flag before it calls
+        :meth:`interrupt`, so either that call sees the socket stored here, or the flag
+        check below sees the cancel and interrupts itself.
+        """
+        self._sock = sock
         if self._cancel.cancelled:
             self.interrupt()
 
     def interrupt(self) -> None:
         """Wake the thread blocked on this attempt's socket (any thread may call this)."""
-        with self._lock:
-            sock = self._sock
+        sock = self._sock
         if sock is None:
             return
         # The plain socket's shutdown, even for an SSLSocket: SSLSocket.shutdown would
