@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import tempfile
@@ -24,10 +25,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import capacity, inprocess, report, service
-from bench.common import ROOT, machine_info
+from bench import capacity, failover, inprocess, queue_peers, report, service
+from bench.common import ROOT, machine_info, procfile_worker
 
-SECTIONS = ("inprocess", "latency", "throughput", "capacity", "fast_tokens", "profiles")
+SECTIONS = (
+    "inprocess",
+    "queue",
+    "latency",
+    "throughput",
+    "events",
+    "failover",
+    "capacity",
+    "fast_tokens",
+    "profiles",
+)
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -66,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     streams = args.streams or ((50,) if quick else (100, 250, 500))
     windows = args.flush_ms if args.flush_ms is not None else ((0,) if quick else (0, 10, 25, 50))
-    pools = args.pools or ("threads", "gevent")
-    stream_s = args.stream_s or (5.0 if quick else 20.0)
+    pools = args.pools or (("threads",) if quick else ("threads", "gevent"))
+    stream_s = args.stream_s or (4.0 if quick else 20.0)
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="reliever-bench-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     json_path = args.json or ROOT / "bench" / "results" / ("quick.json" if quick else "full.json")
@@ -82,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         "errors": [],
     }
     started = time.monotonic()
+    load_before = ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
     def step(name: str, fn: Callable[[], Any]) -> Any:
         print(f"[bench] {name} …", flush=True)
@@ -107,6 +119,25 @@ def main(argv: list[str] | None = None) -> int:
                 cap_s=10 if quick else 240,
             ),
         )
+    if "queue" in only:
+        data["queue"] = []
+        procfile_pool = procfile_worker()
+        settings = [procfile_pool] if quick else [procfile_pool, ("threads", 100)]
+        for pool, conc in dict.fromkeys(settings):
+            got = step(
+                f"queue: reliever against a plain Celery task, {pool}/{conc}",
+                lambda pool=pool, conc=conc: queue_peers.run(
+                    jobs=10 if quick else 200,
+                    warmup=2 if quick else 5,
+                    pool=pool,
+                    concurrency=conc,
+                    log_dir=log_dir,
+                    cap_s=15 if quick else 180,
+                ),
+            )
+            if got:
+                got["scenario"]["procfile"] = (pool, conc) == procfile_pool
+                data["queue"].append(got)
     if "latency" in only:
         data["latency"] = []
         for w in windows:
@@ -139,6 +170,31 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if got:
                     data["throughput"].append(got)
+    if "events" in only:
+        data["events"] = []
+        for w in (0, 25):
+            got = step(
+                f"delta events per second flush={w}",
+                lambda w=w: service.event_rate(
+                    jobs=6 if quick else 32,
+                    concurrency=8,
+                    flush_ms=w,
+                    log_dir=log_dir,
+                    cap_s=30 if quick else 120,
+                ),
+            )
+            if got:
+                data["events"].append(got)
+    if "failover" in only:
+        data["failover"] = step(
+            "failover",
+            lambda: failover.run(
+                rounds=1 if quick else 20,
+                warmup=1 if quick else 2,
+                log_dir=log_dir,
+                cap_s=20 if quick else 120,
+            ),
+        )
     if "capacity" in only:
         data["capacity"] = []
         for pool in pools:
@@ -200,6 +256,13 @@ def main(argv: list[str] | None = None) -> int:
                 data["profiles"].append(got)
 
     data["elapsed_s"] = time.monotonic() - started
+    end = machine_info()
+    data["machine"]["commit_end"] = end["commit"]
+    data["machine"]["worker_tree_dirty_end"] = end["worker_tree_dirty"]
+    data["load"] = {
+        "before": load_before,
+        "after": ", ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
     print(f"[bench] results: {json_path}; logs: {log_dir}; {data['elapsed_s']:.0f}s", flush=True)

@@ -7,6 +7,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import subprocess
@@ -37,6 +38,10 @@ PACKAGES = (
     "pydantic",
     "gevent",
     "greenlet",
+    "hiredis",
+    "litellm",
+    "openai",
+    "httpx2",
 )
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -270,14 +275,26 @@ def start_mockllm(log_dir: Path, scenarios: Mapping[str, Any]) -> tuple[Proc, st
     return proc, f"http://127.0.0.1:{port}"
 
 
-def worker_command(pool: str, concurrency: int, hostname: str) -> list[str]:
+def procfile_worker() -> tuple[str, int]:
+    """The pool and the default concurrency of the Procfile's ``worker`` line."""
+    for line in (ROOT / "Procfile").read_text(encoding="utf-8").splitlines():
+        if line.startswith("worker:"):
+            pool = re.search(r"--pool (\w+)", line)
+            conc = re.search(r"--concurrency \$\{RELIEVER_CONCURRENCY:-(\d+)\}", line)
+            if pool and conc:
+                return pool.group(1), int(conc.group(1))
+    raise RuntimeError("Procfile: no worker line with --pool and --concurrency")
+
+
+def worker_command(pool: str, concurrency: int, hostname: str, *, app: str = "worker") -> list[str]:
     """The Procfile's worker line (pool and concurrency stated), plus a unique hostname.
 
     ``--without-mingle --without-gossip`` keep a benchmark worker from talking to others
-    that may share the Redis server; they change nothing on the job path.
+    that may share the Redis server; they change nothing on the job path. ``app``: the
+    Celery app module (``bench.plain_celery`` for the hand-written baseline).
     """
     return [
-        sys.executable, "-m", "celery", "-A", "worker", "worker",
+        sys.executable, "-m", "celery", "-A", app, "worker",
         "--pool", pool, "--concurrency", str(concurrency),
         "--prefetch-multiplier", "1", "-E", "--loglevel", "INFO",
         "--hostname", f"{hostname}@%h", "--without-mingle", "--without-gossip",

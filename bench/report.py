@@ -36,7 +36,12 @@ def machine(info: dict[str, Any], command: str) -> list[str]:
     )
     return [
         f"- Command: `{command}`",
-        f"- Commit: `{info['commit']}`{dirty}; run at {info['when']}",
+        f"- Commit: `{info['commit']}`{dirty}; run at {info['when']}"
+        + (
+            f"; **HEAD moved to `{info['commit_end']}` during the run**"
+            if info.get("commit_end") and info["commit_end"] != info["commit"]
+            else ""
+        ),
         f"- Machine: {info['cores']} cores ({info['cpu']}), {info['memory_gb']} GB, {info['os']}",
         f"- Python {info['python']}; Redis server {info['redis_server']}",
         "- Packages: " + ", ".join(f"{name} {version}" for name, version in pk.items()),
@@ -81,6 +86,231 @@ def inprocess(res: dict[str, Any]) -> list[str]:
         ],
         rows,
     )
+    peers = res.get("peers", {})
+    lit = peers.get("litellm")
+    if isinstance(lit, dict):
+        lines += [
+            "",
+            f"LiteLLM {lit['version']} `Router`: groups {lit['fallbacks']}, num_retries="
+            f"{lit['num_retries']}, allowed_fails={lit['allowed_fails']}, cooldown_time="
+            f"{lit['cooldown_time_s']} s, state {lit['state']}, callbacks {lit['callbacks']}, "
+            "LITELLM_LOCAL_MODEL_COST_MAP=True; outbound connection attempts: "
+            f"{len(lit.get('outbound_attempts', []))}. reliever's agent: "
+            f"{res['scenario'].get('reliever_agent', '')}.",
+        ]
+    elif lit:
+        lines += ["", f"LiteLLM: {lit}"]
+    if res.get("vs_litellm"):
+        lines += [
+            "",
+            "**reliever's overhead over the floor as a fraction of LiteLLM Router's** "
+            "(target ≤ 0.33 for time to first delta and CPU per chunk):",
+            "",
+        ]
+        vs_rows = []
+        for row in res["vs_litellm"]:
+            vs_rows.append(
+                [
+                    row["variant"],
+                    _frac(row["first_p50_ms"]),
+                    _frac(row["first_p99_ms"]),
+                    _frac(row["total_p50_ms"]),
+                    _frac(row["total_p99_ms"]),
+                    _frac(row["cpu_us_per_chunk"]),
+                ]
+            )
+        lines += _table(
+            [
+                "variant",
+                "Δ first p50 ÷ LiteLLM's",
+                "Δ first p99 ÷",
+                "Δ total p50 ÷",
+                "Δ total p99 ÷",
+                "Δ CPU/chunk ÷",
+            ],
+            vs_rows,
+        )
+    return lines
+
+
+def _frac(value: float | None) -> str:
+    if value is None or value != value:
+        return "–"
+    mark = " ✓" if value <= 1 / 3 else " ✗"
+    return f"{value:.2f}{mark}"
+
+
+def queue(results: list[dict[str, Any]]) -> list[str]:
+    lines: list[str] = []
+    for res in results:
+        lines += _queue_one(res)
+        lines.append("")
+    return lines
+
+
+def _queue_one(res: dict[str, Any]) -> list[str]:
+    sc = res["scenario"]
+    st = res["stats"]
+    lines = [
+        f"**{sc['pool']} pool, concurrency {sc['concurrency']}"
+        + (" (the Procfile's worker settings)**" if sc.get("procfile") else "**")
+        + f". Both workers: {sc['pool']} pool, concurrency {sc['concurrency']}, prefetch "
+        f"{sc['prefetch']}, acks_late, -E; {sc['jobs']} rounds after {sc['warmup_jobs']} "
+        f"warm-up, one job at a time, {sc['chunks']} chunks per job; RELIEVER_DELTA_FLUSH_MS "
+        f"{sc['delta_flush_ms']}. reliever: {sc['reliever']}. Plain: {sc['plain']}. "
+        f"Subscriber: {sc['subscriber']}. Failed: reliever {res['failed']['reliever']}, "
+        f"plain {res['failed']['plain']}.",
+        "",
+    ]
+    names = [
+        ("enqueue → first delta received", "first"),
+        ("**overhead, first delta (paired, − direct first chunk)**", "d_first"),
+        ("enqueue → terminal received", "terminal"),
+        ("**overhead, terminal (paired, − direct end of stream)**", "d_term"),
+    ]
+    rows = [
+        [
+            "direct (bare httpx): first chunk",
+            _ms(st["direct_first"]["p50"]),
+            "",
+            _ms(st["direct_first"]["p99"]),
+            "",
+            "",
+        ],
+        [
+            "direct (bare httpx): end of stream",
+            _ms(st["direct_total"]["p50"]),
+            "",
+            _ms(st["direct_total"]["p99"]),
+            "",
+            "",
+        ],
+    ]
+    ratios = res.get("ratio_reliever_to_plain", {})
+    for label, key in names:
+        r, p = st[f"reliever_{key}"], st[f"plain_{key}"]
+        ratio = ratios.get(key, {})
+        rows.append(
+            [
+                label,
+                _ms(r.get("p50")),
+                _ms(p.get("p50")),
+                _ms(r.get("p99")),
+                _ms(p.get("p99")),
+                f"{ratio.get('p50', float('nan')):.2f} / {ratio.get('p99', float('nan')):.2f}",
+            ]
+        )
+    lines += _table(
+        [
+            "measure",
+            "reliever p50 ms",
+            "plain Celery p50 ms",
+            "reliever p99 ms",
+            "plain Celery p99 ms",
+            "reliever ÷ plain p50 / p99",
+        ],
+        rows,
+    )
+    for peer, per in res.get("stages", {}).items():
+        if not per:
+            continue
+        lines += ["", f"Stages of the first delta, {peer} (from the messages' `ts`):", ""]
+        lines += _table(
+            ["stage", "p50 ms", "p99 ms"],
+            [[name, _ms(s.get("p50")), _ms(s.get("p99"))] for name, s in per.items()],
+        )
+    return lines
+
+
+def events(results: list[dict[str, Any]]) -> list[str]:
+    rows = []
+    for r in results:
+        sc = r["scenario"]
+        rows.append(
+            [
+                str(sc["delta_flush_ms"]),
+                f"{r['completed']}/{sc['jobs']} × {sc['chunks']} chunks, {sc['pool']} / "
+                f"{sc['concurrency']}",
+                f"{r['elapsed_s']:.2f}",
+                f"**{r['delta_events_per_s']:.0f}**",
+                f"{r['tokens_per_s']:.0f}",
+                f"{r['events_per_token']:.2f}",
+                f"{r['worker_cpu_pct']:.0f}",
+                f"{r['worker_cpu_us_per_token']:.1f}",
+                f"{r['mockllm_cpu_pct']:.0f}",
+            ]
+        )
+    return _table(
+        [
+            "flush ms",
+            "jobs",
+            "wall s",
+            "delta events/s",
+            "tokens/s",
+            "events/token",
+            "worker CPU %",
+            "worker CPU µs/token",
+            "mockllm CPU %",
+        ],
+        rows,
+    )
+
+
+def failover(res: dict[str, Any]) -> list[str]:
+    sc = res["scenario"]
+    lines = [
+        f"Primary {sc['primary']}; fallback {sc['fallback']}; policy: {sc['policy']}. "
+        f"Backoff: reliever {sc['reliever_backoff']}; LiteLLM {sc['litellm_backoff']}. "
+        f"{sc['rounds']} rounds after {sc['warmup_rounds']} warm-up. reliever's sink: "
+        f"{sc['reliever_sink']}. Floor (bare httpx stream of the fallback) total p50 "
+        f"{_ms(res['floor_total'].get('p50'))} ms"
+        + (
+            f"; three bare POSTs to the failing primary p50 "
+            f"{_ms(res['floor_three_503'].get('p50'))} ms"
+            if res.get("floor_three_503")
+            else ""
+        )
+        + (f". Measured at commit `{res['commit']}`." if res.get("commit") else "."),
+        "",
+    ]
+    rows = []
+    for r in res["rows"]:
+        rows.append(
+            [
+                r["variant"],
+                _ms(r["total"].get("p50")),
+                _ms(r["waits"].get("p50")),
+                _ms(r["added"].get("p50")),
+                _ms(r["added"].get("p99")),
+                _ms(r.get("added_net", {}).get("p50")),
+                _ms(r.get("added_net", {}).get("p99")),
+                f"{r['primary_requests'].get('mean', 0):.1f}",
+                f"{r['fallback_requests'].get('mean', 0):.1f}",
+            ]
+        )
+    lines += _table(
+        [
+            "job",
+            "total p50 ms",
+            "planned waits p50 ms",
+            "added p50 ms",
+            "added p99 ms",
+            "**added net of the 503s, p50 ms**",
+            "net p99 ms",
+            "requests to primary / job",
+            "to fallback / job",
+        ],
+        rows,
+    )
+    for r in res["rows"]:
+        stages = {k: v for k, v in r.items() if k.startswith("stage: ")}
+        if not stages:
+            continue
+        lines += ["", f"Where the time goes, {r['variant']} (from its events' `ts`):", ""]
+        lines += _table(
+            ["stage", "p50 ms", "p99 ms"],
+            [[k[7:], _ms(v.get("p50")), _ms(v.get("p99"))] for k, v in stages.items()],
+        )
     return lines
 
 
@@ -228,25 +458,133 @@ def profiles(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _target_rows(data: dict[str, Any]) -> list[list[str]]:
+    rows: list[list[str]] = []
+
+    def verdict(ok: bool | None) -> str:
+        return "–" if ok is None else ("met" if ok else "**missed**")
+
+    ip = data.get("inprocess") or {}
+    for row in ip.get("vs_litellm", []):
+        if row["variant"] not in (
+            "reliever executor + no-op sink",
+            "reliever executor + Redis sink (flush 0)",
+        ):
+            continue
+        for key, what in (("first_p50_ms", "first delta p50"), ("cpu_us_per_chunk", "CPU/chunk")):
+            value = row[key]
+            ok = None if value != value else value <= 1 / 3
+            rows.append(
+                [
+                    f"in-process overhead ≤ ⅓ of LiteLLM's: {what}, {row['variant']}",
+                    f"{value:.2f}",
+                    verdict(ok),
+                ]
+            )
+    for q in data.get("queue") or []:
+        st = q["stats"]
+        where = f"{q['scenario']['pool']}/{q['scenario']['concurrency']}"
+        for key, what in (("first", "first delta"), ("terminal", "terminal")):
+            for pct in ("p50", "p99"):
+                r, p = st[f"reliever_{key}"].get(pct), st[f"plain_{key}"].get(pct)
+                ok = None if r is None or p is None else r <= p
+                rows.append(
+                    [
+                        f"queue ({where}): reliever no slower than plain Celery, {what} {pct}",
+                        f"{_ms(r)} vs {_ms(p)} ms",
+                        verdict(ok),
+                    ]
+                )
+        for pct, limit in (("p50", 0.005), ("p99", 0.020)):
+            v = st["reliever_d_first"].get(pct)
+            rows.append(
+                [
+                    f"queue ({where}) overhead over the floor, first delta {pct} ≤ "
+                    f"{limit * 1000:.0f} ms",
+                    f"{_ms(v)} ms",
+                    verdict(None if v is None else v <= limit),
+                ]
+            )
+    caps = [c for c in data.get("capacity") or [] if "e2e_all" in c]
+    if caps:
+        best = max(caps, key=lambda c: (c["holds"], c["streams"]))
+        held = [c for c in caps if c["holds"]]
+        top = max((c["streams"] for c in held), default=0)
+        rows.append(
+            [
+                "≥ 500 streams per worker process, RSS < 500 MB, delta p99 < 100 ms",
+                f"holds up to {top} (best: {best['pool']} flush {best['flush_ms']}, "
+                f"{best['streams']} streams)",
+                verdict(top >= 500),
+            ]
+        )
+    fo = data.get("failover") or {}
+    for r in fo.get("rows", []):
+        if not r["variant"].startswith("reliever"):
+            continue
+        added = r["added"].get("p50")
+        if "first" in r["variant"]:
+            net = r.get("added_net", {}).get("p50")
+            ok = None if net is None else net <= 0.005
+            rows.append(
+                [
+                    "failover adds ≤ 5 ms beyond the planned waits (first job, p50; net of "
+                    "the upstream's own 503 round trips)",
+                    f"{_ms(net)} ms net ({_ms(added)} ms with the 503 round trips)",
+                    verdict(ok),
+                ]
+            )
+        else:
+            primary = r["primary_requests"].get("max", 0)
+            ok = None if added is None else (added <= 0.002 and primary == 0)
+            rows.append(
+                [
+                    "inside the cooldown ≈ 0 added (≤ 2 ms p50), no request to the primary",
+                    f"{_ms(added)} ms, {primary:.0f} requests to the primary",
+                    verdict(ok),
+                ]
+            )
+    return rows
+
+
+def targets(rows: list[list[str]]) -> list[str]:
+    return _table(["target", "measured", "verdict"], rows)
+
+
 def render(data: dict[str, Any]) -> str:
+    data = {**data, "targets": _target_rows(data)}
     lines = [BEGIN, "", "## Run", ""]
     lines += machine(data["machine"], data["command"])
     lines.append(f"- Wall time of the run: {data['elapsed_s']:.0f} s")
+    if data.get("load"):
+        ld = data["load"]
+        lines.append(
+            f"- Other load on the machine: load average {ld['before']} before, {ld['after']} "
+            "after the run (both cores are shared with other sessions)"
+        )
     lines.append("")
     sections = [
+        ("targets", "## Targets (issue 5), from this run", targets),
         (
             "inprocess",
-            "## 1. In-process: executor overhead over a bare httpx + httpx-sse stream",
+            "## 1. In-process, per call: reliever, LiteLLM Router and the floor, side by side",
             inprocess,
         ),
         (
+            "queue",
+            "## 2. Through the queue: reliever against a plain Celery task, side by side",
+            queue,
+        ),
+        (
             "latency",
-            "## 2. Through the queue: enqueue → first delta, minus the direct first chunk",
+            "## 2b. Through the queue: reliever, replay-log reader, per flush window",
             latency,
         ),
         ("throughput", "## 3. Short jobs per second, one worker process", throughput),
-        ("capacity", "## 4–5. Capacity: concurrent slow streams per worker process", capacity),
-        ("fast_tokens", "## 4b. Fast token streams: what coalescing buys", capacity),
+        ("events", "## 3b. Delta events per second, one worker process", events),
+        ("failover", "## 4. Failover: primary always 503, fallback healthy", failover),
+        ("capacity", "## 5. Capacity: concurrent slow streams per worker process", capacity),
+        ("fast_tokens", "## 5b. Fast token streams: what coalescing buys", capacity),
         ("profiles", "## Profiles (py-spy, worker under load)", profiles),
     ]
     for key, title, fn in sections:

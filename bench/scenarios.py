@@ -34,6 +34,16 @@ class Fixed:
 OVERHEAD = Fixed("bench-fixed", chunks=128)
 # A short job for throughput: a handful of chunks.
 SHORT = Fixed("bench-short", chunks=8)
+# The second model of the two-model chain (issue 5): the same response under another name.
+OVERHEAD_FALLBACK = Fixed("bench-fixed-b", chunks=128)
+# Delta events per second: long fast streams.
+LONG = Fixed("bench-long", chunks=1000)
+# Failover: the primary always answers 503, the fallback streams a short answer.
+FAILING = "fo-primary"
+RESCUE = Fixed("fo-fallback", chunks=8)
+# reliever's agents-file default backoff, jitter off: planned waits are exact.
+BACKOFF = {"base": "200ms", "factor": 2, "max": "2s", "jitter": 0}
+CHAIN_AGENT = "bench-chain"
 
 
 def request_body(model: str) -> dict[str, Any]:
@@ -44,6 +54,39 @@ def request_body(model: str) -> dict[str, Any]:
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+
+
+def _model(base_url: str, name: str) -> dict[str, Any]:
+    return {
+        "provider": "openai",
+        "base_url": f"{base_url}/v1",
+        "model": name,
+        "timeouts": {"connect": "5s", "first_token": "30s", "idle": "30s", "total": "5m"},
+    }
+
+
+def write_chain_agents(path: Path, base_url: str, primary: str, fallback: str) -> Path:
+    """Agent ``bench-chain``: ``primary`` then ``fallback``, 2 retries each, the default
+    backoff with jitter off, a 1 minute cooldown armed by exhausted retries too.
+
+    LiteLLM's Router gets the same chain and policy (``bench.litellm_router``).
+    """
+    doc = {
+        "models": {name: _model(base_url, name) for name in (primary, fallback)},
+        "agents": {
+            CHAIN_AGENT: {
+                "model": primary,
+                "fallbacks": [fallback],
+                "retries": 2,
+                "cooldown": "1m",
+                "cooldown_on_exhausted": True,
+                "retry_on_rate_limit": False,
+                "backoff": BACKOFF,
+            }
+        },
+    }
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    return path
 
 
 def write_agents(path: Path, base_url: str, models: list[str]) -> Path:

@@ -207,3 +207,85 @@ def throughput(
         mock.stop()
         ns.cleanup()
     return result
+
+
+def event_rate(
+    *, jobs: int, concurrency: int, flush_ms: int, log_dir: Path, cap_s: float
+) -> dict[str, Any]:
+    """Delta events per second one worker process publishes, and tokens per second.
+
+    ``jobs`` long fast streams (``scenarios.LONG``: 1000 chunks, no server delay) submitted
+    at once to one worker with ``concurrency`` threads, so the worker streams and publishes
+    as fast as it can. Delta events = each job's replay-log length minus its other events
+    (``started``, ``attempt``, ``completed``); every event was also PUBLISHed. The clock runs
+    from the first submit until every result is stored.
+    """
+    from bench.scenarios import LONG
+
+    ns = Namespace()
+    scenario = LONG
+    mock, base_url = start_mockllm(log_dir, {scenario.model: scenario.mock_steps()})
+    agents_file = write_agents(log_dir / "agents-events.yaml", base_url, [scenario.model])
+    env = ns.settings_env(agents_file, RELIEVER_DELTA_FLUSH_MS=str(flush_ms))
+    worker = None
+    client = _client(ns)
+    rc = redis.Redis.from_url(ns.redis_url)
+    result: dict[str, Any] = {}
+    try:
+        worker = start_worker(
+            log_dir, env, pool="threads", concurrency=concurrency, name=f"{ns.name}-ev"
+        )
+        _follow(client, ns, scenario.model)  # warm the worker's connections
+        ids = [str(uuid.uuid4()) for _ in range(jobs)]
+        ns.job_ids += ids
+        keys = [client.keys.result(job_id) for job_id in ids]
+        with Sampler({"worker": worker.pid, "mockllm": mock.pid}) as sampler:
+            sampler.mark("t0")
+            t0 = time.perf_counter()
+            for job_id in ids:
+                client.submit(scenario.model, PROMPT, job_id=job_id)
+            pending = list(range(jobs))
+            ends = time.monotonic() + cap_s
+            while pending and time.monotonic() < ends:
+                values = rc.mget([keys[i] for i in pending])
+                pending = [i for i, v in zip(pending, values, strict=True) if v is None]
+                if pending:
+                    time.sleep(0.01)
+            elapsed = time.perf_counter() - t0
+            sampler.mark("t1")
+        statuses = [json.loads(v) if v else {} for v in rc.mget(keys)]
+        completed = sum(1 for s in statuses if s.get("status") == "completed")
+        lengths = [int(rc.xlen(client.keys.log(job_id))) for job_id in ids]
+        deltas = sum(max(0, n - 3) for n in lengths)
+        tokens = completed * scenario.chunks
+        cpu = sampler.cpu_percent("t0", "t1")
+        worker_cpu_s = cpu["worker"] / 100 * elapsed
+        result = {
+            "scenario": {
+                "chunks": scenario.chunks,
+                "jobs": jobs,
+                "pool": "threads",
+                "concurrency": concurrency,
+                "delta_flush_ms": flush_ms,
+            },
+            "completed": completed,
+            "elapsed_s": elapsed,
+            "delta_events": deltas,
+            "tokens": tokens,
+            "delta_events_per_s": deltas / elapsed,
+            "tokens_per_s": tokens / elapsed,
+            "events_per_token": deltas / max(tokens, 1),
+            "worker_cpu_pct": cpu["worker"],
+            "mockllm_cpu_pct": cpu["mockllm"],
+            "worker_cpu_us_per_token": 1e6 * worker_cpu_s / max(tokens, 1),
+            "worker_peak_rss_mb": sampler.peak_rss()["worker"],
+            "timed_out": bool(pending),
+        }
+    finally:
+        rc.close()
+        client.close()
+        if worker is not None:
+            worker.stop()
+        mock.stop()
+        ns.cleanup()
+    return result

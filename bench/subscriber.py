@@ -9,8 +9,10 @@ for each ``delta`` whose text carries ``bench.ticker`` send times, records per t
   worker -> Redis -> subscriber, coalescing wait included);
 * ``to_ts``: the event's ``ts`` minus the send time (upstream -> the worker stamping it);
 
-and per event ``from_ts``: receive time minus ``ts``. It stops after ``N`` terminal events
-or ``S`` seconds and writes the samples (and seq gaps, terminal counts) as JSON. One process
+and per event ``from_ts``: receive time minus ``ts``; per job ``first_delta``: the epoch time
+its first delta arrived (the in-process run's time to first delta for the Redis sink). It
+stops after ``N`` terminal events, ``S`` seconds or a message on ``{P}:events:_stop``, and
+writes the samples (and seq gaps, terminal counts) as JSON. One process
 and one connection for all jobs, so that the measuring side stays cheap.
 """
 
@@ -49,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     last_seq: dict[str, int] = {}
     gaps = 0
     deltas = 0
+    first_delta: dict[str, float] = {}
     terminals: dict[str, int] = {"completed": 0, "failed": 0}
     failures: list[Any] = []
     ends = time.monotonic() + args.cap_s
@@ -57,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         if message is None or message.get("type") != "pmessage":
             continue
         received = time.time()
+        if message["channel"].endswith(b":events:_stop"):
+            break
         event = json.loads(message["data"])
         job = event["job_id"]
         seq = event["seq"]
@@ -66,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         kind = event["type"]
         if kind == "delta":
             deltas += 1
+            first_delta.setdefault(job, received)
             ts = event["ts"]
             from_ts.append(received - ts)
             for word in event.get("text", "").split():
@@ -92,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 "delta_events": deltas,
                 "seq_gaps": gaps,
                 "jobs_seen": len(last_seq),
+                "first_delta": first_delta,
                 "terminals": terminals,
                 "failures": failures,
                 "timed_out": sum(terminals.values()) < args.jobs,
