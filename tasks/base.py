@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from celery import Task
@@ -23,6 +24,7 @@ class RelieverTask(Task[Any, Any]):
     # model, finish, usage …); the answer text comes last in the result and is cut off.
     resultrepr_maxsize = 200
     _service: Service | None = None
+    _reporter: ThreadPoolExecutor | None = None
     _service_lock = threading.Lock()
 
     @property
@@ -36,6 +38,15 @@ class RelieverTask(Task[Any, Any]):
                     self._service = service
         return self._service
 
+    @property
+    def progress_reporter(self) -> ThreadPoolExecutor:
+        """One thread per process that writes the RUNNING states Flower shows, in order."""
+        if self._reporter is None:
+            with self._service_lock:
+                if self._reporter is None:
+                    self._reporter = ThreadPoolExecutor(1, thread_name_prefix="reliever-state")
+        return self._reporter
+
     def requeue(self, message: dict[str, Any]) -> None:
         """Send a job message again, under its job id, to the job queue."""
         self.app.send_task(
@@ -47,6 +58,9 @@ class RelieverTask(Task[Any, Any]):
         )
 
     def shutdown(self) -> None:
+        if self._reporter is not None:
+            self._reporter.shutdown(wait=True)
+            self._reporter = None
         if self._service is not None:
             self._service.stop()
             self._service.runtime.close()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+from concurrent.futures import Future, wait
 from typing import Any
 
 from celery import shared_task
@@ -11,6 +13,9 @@ from celery.exceptions import Ignore
 from tasks.base import RelieverTask
 from worker.events import Event
 
+log = logging.getLogger(__name__)
+
+PROGRESS_FLUSH_S = 5.0
 RUNNING = "RUNNING"
 """The custom state Flower shows while a job runs; its meta names the model and attempt."""
 
@@ -19,7 +24,11 @@ RUNNING = "RUNNING"
 def complete(self: RelieverTask, job: Any) -> dict[str, Any]:
     """Run ``job`` through its agent's chain; return its result (``status`` says how it ended)."""
 
-    def progress(event: Event) -> None:
+    reported: list[Future[None]] = []
+    # Captured here: Celery's request context belongs to this thread, not the reporter's.
+    task_id, hostname = str(self.request.id), self.request.hostname
+
+    def report(event: Event) -> None:
         meta = {
             "job_id": event["job_id"],
             "model": event["model"],
@@ -28,14 +37,28 @@ def complete(self: RelieverTask, job: Any) -> dict[str, Any]:
             "fallback": event["fallback"],
             "agent": job.get("agent") if isinstance(job, dict) else None,
         }
-        self.update_state(state=RUNNING, meta=meta)
-        # Flower knows tasks only from events, and update_state sends none: a custom
-        # `task-running` event makes its state RUNNING. Flower's API and task page show
-        # only the standard fields, so the meta rides in `result` (as JSON), which is
-        # also what AsyncResult.info holds for a custom state.
-        self.send_event("task-running", result=json.dumps(meta))
+        try:
+            self.update_state(task_id=task_id, state=RUNNING, meta=meta)
+            # Flower knows tasks only from events, and update_state sends none: a custom
+            # `task-running` event makes its state RUNNING. Flower's API and task page show
+            # only the standard fields, so the meta rides in `result` (as JSON), which is
+            # also what AsyncResult.info holds for a custom state.
+            with self.app.events.default_dispatcher(hostname=hostname) as dispatcher:
+                dispatcher.send("task-running", uuid=task_id, result=json.dumps(meta))
+        except Exception:
+            # A state Flower shows must never fail the job it describes.
+            log.exception("job %s: could not record its RUNNING state", task_id)
 
-    result = self.service.run(job, task_id=str(self.request.id), progress=progress)
+    def progress(event: Event) -> None:
+        # Off the job's path: the job sends its request while the state is written.
+        reported.append(self.progress_reporter.submit(report, event))
+
+    try:
+        result = self.service.run(job, task_id=task_id, progress=progress)
+    finally:
+        # Celery writes the final state after we return: a RUNNING still in flight must
+        # land first, or it would overwrite SUCCESS.
+        wait(reported, timeout=PROGRESS_FLUSH_S)
     if result is None:
         # A duplicate delivery of a job that runs elsewhere: no result of ours to store.
         raise Ignore()

@@ -9,9 +9,10 @@ run that replaced it.
 
 One :class:`EventWriter` thread per process delivers the events of every job running
 there, group-commit style: whatever accumulated while its previous write was in flight
-goes out in one pipelined round trip, one script call per job. A job thread waits for its
-events to be stored (``started``, ``attempt``, the first delta of an attempt, ``retry``,
-``fallback``, terminal …) except for the deltas that follow a first one. Under load,
+goes out in one pipelined round trip, one script call per job. A job thread waits only for
+the first delta of each attempt and for the terminal event to be stored (so a result is
+never returned before its stream); the other events go out while the job goes on, in
+order. Under load,
 consecutive text deltas of one attempt that queued up together are merged into one event
 (content and order exact); an optional window (``DELTA_FLUSH_MS``) holds deltas a little
 longer to merge more. seq is assigned at write time and lives in Redis, so a redelivered
@@ -31,7 +32,7 @@ from typing import Any
 import redis
 
 from worker.clock import Clock
-from worker.events import Event, encode, stamp
+from worker.events import TERMINAL_TYPES, Event, encode, stamp
 from worker.keys import Keys
 from worker.retry import retry_redis_blips
 
@@ -241,13 +242,15 @@ class RedisEventLog:
     def emit(self, body: Event) -> Event:
         self._raise_failure()
         ts = self._clock.time()
-        if body["type"] == "delta" and body["n"] == self._streaming_n:
+        kind = body["type"]
+        first_delta = kind == "delta" and body["n"] != self._streaming_n
+        if kind not in TERMINAL_TYPES and not first_delta:
             self._writer.submit(_Item(self, body, ts, time.monotonic()))
-            return {"job_id": self.job_id, "type": "delta", "ts": ts, **body}
-        if body["type"] == "delta":
-            # The first delta of an attempt is waited for, like the events before it: a
-            # thread streaming a burst of tokens would otherwise hold the GIL for a whole
-            # switch interval (5 ms) before the writer thread runs and sends it.
+            return {"job_id": self.job_id, "type": kind, "ts": ts, **body}
+        if first_delta:
+            # Waited for, so the writer sends it now: a thread reading a burst of tokens
+            # would otherwise hold the GIL for a switch interval (5 ms) before the writer
+            # runs. The events before it are stored by then too (the writer keeps order).
             self._streaming_n = body["n"]
         item = self._wait(_Item(self, body, ts, time.monotonic(), threading.Event()))
         assert item.event is not None

@@ -82,7 +82,8 @@ def test_event_writer_keeps_each_jobs_events_gapless_and_exact_under_concurrency
 def test_event_writer_merges_queued_deltas_of_one_attempt_only(
     redis_client: redis.Redis, keys: Keys
 ) -> None:
-    """Deltas held by a window merge within an attempt, never across attempts or events."""
+    """Deltas held by a window merge within an attempt (its first delta goes out alone, at
+    once), never across attempts or other events."""
     s = sink(redis_client, keys, "merge", flush_window_s=0.2)
     for text in ("a", "b", "c"):
         s.emit({"type": "delta", "n": 1, "text": text})
@@ -93,31 +94,36 @@ def test_event_writer_merges_queued_deltas_of_one_attempt_only(
 
     events = log_of(redis_client, keys, "merge")
     assert [(e["seq"], e["type"], e.get("n"), e.get("text")) for e in events] == [
-        (1, "delta", 1, "abc"),
-        (2, "delta", 2, "d"),
-        (3, "retry", 2, None),
-        (4, "delta", 3, "e"),
+        (1, "delta", 1, "a"),
+        (2, "delta", 1, "bc"),
+        (3, "delta", 2, "d"),
+        (4, "retry", 2, None),
+        (5, "delta", 3, "e"),
     ]
 
 
 def test_event_log_refuses_writes_once_the_lease_moved(
     redis_client: redis.Redis, keys: Keys
 ) -> None:
-    """A run whose lease token is no longer the job's cannot write; it learns LeaseLost."""
+    """A run whose lease token is no longer the job's cannot write; it learns LeaseLost at
+    its next waited event (an attempt's first delta, the terminal event)."""
     redis_client.set(keys.lease("fenced"), "someone-else")
     s = sink(redis_client, keys, "fenced", lease_token="mine")
 
-    with pytest.raises(LeaseLost):
-        s.emit(
-            {
-                "type": "started",
-                "agent": "a",
-                "chain": ["m"],
-                "start_model": "m",
-                "in_cooldown": False,
-            }
-        )
+    s.emit(
+        {
+            "type": "started",
+            "agent": "a",
+            "chain": ["m"],
+            "start_model": "m",
+            "in_cooldown": False,
+        }
+    )
 
+    with pytest.raises(LeaseLost):
+        s.emit({"type": "delta", "n": 1, "text": "first"})
+    with pytest.raises(LeaseLost):
+        s.emit({"type": "failed", "error": {"kind": "internal", "message": "x"}, "attempts": []})
     assert redis_client.xlen(keys.log("fenced")) == 0
 
 
@@ -126,17 +132,19 @@ def test_event_log_append_is_idempotent_and_a_rerun_continues_seq(
 ) -> None:
     """A batch written twice (a lost reply, then a retry) lands once; a new run goes on at n+1."""
     first = sink(redis_client, keys, "again")
-    event = first.emit({"type": "restarted", "discard": True})
+    first.emit({"type": "restarted", "discard": True})
+    first.close()
+    event = log_of(redis_client, keys, "again")[0]
     pipe = redis_client.pipeline(transaction=False)
     first.queue_write(first._writer._script, pipe, [event])
     pipe.execute()
 
     second = sink(redis_client, keys, "again")
-    later = second.emit({"type": "restarted", "discard": True})
+    second.emit({"type": "restarted", "discard": True})
+    second.close()
 
     assert [e["seq"] for e in log_of(redis_client, keys, "again")] == [1, 2]
     assert second.last_seq == 1
-    assert later["seq"] == 2
 
 
 @pytest.fixture

@@ -306,7 +306,8 @@ def test_service_cooldown_is_shared_between_worker_processes(stack: Stack, mock:
 
 
 def test_service_flower_state_names_the_model_and_attempt(stack: Stack, mock: MockLLM) -> None:
-    """While a job streams, its task state is RUNNING with the model and attempt in its meta."""
+    """While a job streams, its task state is RUNNING with the model and attempt in its meta;
+    the final state is the result."""
     mock.script("slow", [Reply(delay_s=0.1, text=" ".join(["word"] * 30))])
     app = create_app(stack.settings)
     with stack.worker("a"):
@@ -315,7 +316,13 @@ def test_service_flower_state_names_the_model_and_attempt(stack: Stack, mock: Mo
         for event in events:
             if event["type"] == "delta":
                 break
+        # The state is written beside the stream, not before it: look until it shows,
+        # while the job still streams (3 s of tokens).
         state = AsyncResult(job.job_id, app=app)
+        ends = time.monotonic() + 2.0
+        while state.state != "RUNNING" and time.monotonic() < ends:
+            time.sleep(0.02)
+            state = AsyncResult(job.job_id, app=app)
         running = (state.state, state.info)
         list(events)
         final = AsyncResult(job.job_id, app=app).get(timeout=10)
