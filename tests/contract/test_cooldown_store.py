@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +12,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from tests.http_support import wait_for
 from worker.clock import FakeClock
 from worker.cooldown import CooldownStore, MemoryCooldownStore, Pin, RedisCooldownStore
 from worker.keys import Keys
@@ -117,9 +117,13 @@ def test_redis_cooldown_ttl_on_redis_clock(redis_client, keys):
 
     store.pin("support", PIN, 0.05)
     pttl = redis_client.pttl(keys.cooldown("support"))
-    give_up = time.monotonic() + 1.0
-    while store.get("support") is not None and time.monotonic() < give_up:
-        time.sleep(0.005)  # poll Redis's own expiry gently; TTLs run on its clock
+    # TTLs run on Redis's clock: poll for its expiry (bounded).
+    wait_for(
+        lambda: True if store.get("support") is None else None,
+        timeout_s=1.0,
+        interval_s=0.005,
+        what="the pin's expiry",
+    )
 
     assert 0 < pttl <= 50
     assert store.get("support") is None

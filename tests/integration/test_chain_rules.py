@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import redis
 
+from tests.http_support import wait_for
 from worker.clock import CancelToken, SystemClock
 from worker.cooldown import MemoryCooldownStore, Pin, RedisCooldownStore
 from worker.events import TERMINAL_TYPES, MemoryEventSink
@@ -660,9 +661,13 @@ def test_chain_cooldown_expires_by_redis_ttl_then_primary_is_tried(
 
     make_executor(redis_store).run(first, support, sink_for(first))
     pttl = redis_client.pttl(key)
-    give_up = time.monotonic() + 2.0
-    while redis_client.exists(key) and time.monotonic() < give_up:
-        time.sleep(0.005)  # poll Redis's own expiry gently; TTLs run on its clock
+    # TTLs run on Redis's clock: poll for its expiry (bounded).
+    wait_for(
+        lambda: None if redis_client.exists(key) else True,
+        timeout_s=2.0,
+        interval_s=0.005,
+        what="the pin's expiry",
+    )
     make_executor(other_process_store).run(later, support, later_sink)
 
     assert 0 < pttl <= 100

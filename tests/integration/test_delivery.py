@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
 
 from settings import Settings
+from tests.http_support import wait_for
 from worker.clock import CancelToken, SystemClock
 from worker.control import CancelListener
 from worker.keys import Keys
@@ -25,16 +25,6 @@ from worker.service import Service
 
 def log_of(client: redis.Redis, keys: Keys, job_id: str) -> list[dict[str, Any]]:
     return [json.loads(f[b"e"]) for _id, f in client.xrange(keys.log(job_id))]
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float = 5.0) -> bool:
-    """Poll real state until ``condition`` holds (bounded; a short pause between looks)."""
-    ends = time.monotonic() + timeout_s
-    while time.monotonic() < ends:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
 
 
 def sink(client: redis.Redis, keys: Keys, job_id: str, **kw: Any) -> RedisEventLog:
@@ -168,7 +158,7 @@ def test_leases_keep_renewing_when_the_reaper_fails(
     leases.start(reap=failing_reap)
 
     assert token is not None
-    assert wait_for(lambda: len(reaps) >= 5, timeout_s=5)
+    wait_for(lambda: True if len(reaps) >= 5 else None, timeout_s=5, interval_s=0.01, what="reaps")
     assert redis_client.get(keys.lease("kept")) == token.encode()
 
 

@@ -12,6 +12,7 @@ import pytest
 from celery.result import AsyncResult
 
 from settings import Settings
+from tests.http_support import wait_for
 from tests.service_support import running_worker, worker_env, write_agents
 from worker.celery import create_app
 from worker.client import Client, JobFailed
@@ -316,13 +317,19 @@ def test_service_flower_state_names_the_model_and_attempt(stack: Stack, mock: Mo
         for event in events:
             if event["type"] == "delta":
                 break
+
         # The state is written beside the stream, not before it: look until it shows,
         # while the job still streams (3 s of tokens).
-        state = AsyncResult(job.job_id, app=app)
-        ends = time.monotonic() + 2.0
-        while state.state != "RUNNING" and time.monotonic() < ends:
-            time.sleep(0.02)
-            state = AsyncResult(job.job_id, app=app)
+        def running_state() -> AsyncResult | None:
+            result = AsyncResult(job.job_id, app=app)
+            return result if result.state == "RUNNING" else None
+
+        state = wait_for(
+            running_state,
+            timeout_s=2.0,
+            interval_s=0.02,
+            what="the RUNNING state",
+        )
         running = (state.state, state.info)
         list(events)
         final = AsyncResult(job.job_id, app=app).get(timeout=10)
