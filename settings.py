@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     )
     result_expires_s: int = Field(86_400, gt=0)
     delta_flush_ms: int = Field(
-        0, ge=0, description="coalesce consecutive deltas within this window; 0 = off"
+        0, ge=0, description="hold deltas this long to merge more; 0 = merge only what queues"
     )
 
     @field_validator("redis_url", "broker_url", "result_backend")
