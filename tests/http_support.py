@@ -52,6 +52,10 @@ class ServiceProcess:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.lines.append(line)
+            self.on_line(line)
+
+    def on_line(self, line: str) -> None:
+        """Called (in the reader thread) for each line of output."""
 
     def output(self) -> str:
         return "".join(self.lines)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import queue
-import signal
 import subprocess
 import sys
 import threading
@@ -14,49 +12,24 @@ from pathlib import Path
 
 import yaml
 
+from tests.http_support import ServiceProcess
+
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 30.0
 WORKER_POOL = os.environ.get("RELIEVER_TEST_POOL", "gevent")
 """The pool of the workers tests start: the Procfile's (RELIEVER_TEST_POOL=threads: the other)."""
 
 
-class WorkerProcess:
-    """A running worker; its output lines are collected for assertions and diagnosis."""
+class WorkerProcess(ServiceProcess):
+    """A running worker; ``ready`` is set once it logs that it consumes."""
 
     def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.proc = proc
-        self.lines: list[str] = []
         self.ready = threading.Event()
-        self._lines: queue.Queue[str] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        super().__init__(proc)
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if " ready." in line:
-                self.ready.set()
-
-    def kill(self) -> None:
-        """SIGKILL the whole worker, as when a container is killed."""
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        self._reader.join(timeout=5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-    def output(self) -> str:
-        return "".join(self.lines)
+    def on_line(self, line: str) -> None:
+        if " ready." in line:
+            self.ready.set()
 
 
 def write_agents(path: Path, doc: Mapping[str, object]) -> Path:
