@@ -51,8 +51,12 @@ def result_of(terminal: Event) -> Event:
     return body
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def encode(event: Event) -> str:
-    return json.dumps(event, separators=(",", ":"), ensure_ascii=False)
+    """The event as compact JSON (one encoder for the process: no set-up per event)."""
+    return _ENCODER.encode(event)
 
 
 class EventSink(Protocol):

@@ -9,14 +9,15 @@ run that replaced it.
 
 One :class:`EventWriter` thread per process delivers the events of every job running
 there, group-commit style: whatever accumulated while its previous write was in flight
-goes out in one pipelined round trip, one script call per job. A job thread waits only for
-the first delta of each attempt and for the terminal event to be stored (so a result is
-never returned before its stream); the other events go out while the job goes on, in
-order. Under load,
-consecutive text deltas of one attempt that queued up together are merged into one event
-(content and order exact); an optional window (``DELTA_FLUSH_MS``) holds deltas a little
-longer to merge more. seq is assigned at write time and lives in Redis, so a redelivered
-job continues the numbering and merging leaves no gaps.
+goes out in one script call, one round trip for all the jobs in the batch; when many jobs
+stream at once it lets events gather for :data:`BUSY_LINGER_S` first. A job thread waits
+only for the first delta of each attempt and for the terminal event to be stored (so a
+result is never returned before its stream); the other events go out while the job goes
+on, in order. Under load, consecutive text deltas of one attempt that queued up together
+are merged into one event (content and order exact); an optional window
+(``DELTA_FLUSH_MS``) holds deltas a little longer to merge more. seq is assigned at write
+time and lives in Redis, so a redelivered job continues the numbering and merging leaves
+no gaps.
 """
 
 from __future__ import annotations
@@ -38,30 +39,55 @@ from worker.retry import retry_redis_blips
 
 log = logging.getLogger(__name__)
 
+# One call writes a whole batch: for each job, KEYS holds its lease, log and seq keys and
+# ARGV its lease token, channel, TTL, first seq, event count and events.
 # Idempotent: an event whose seq is already stored is skipped, so a batch retried after a
-# lost reply (the script ran, the answer did not arrive) is not appended twice.
+# lost reply (the script ran, the answer did not arrive) is not appended twice. Each job's
+# reply is the number of events written, -1 when its lease moved on, or an error message:
+# one job's bad key cannot fail the others.
 _APPEND = """
-if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  return -1
-end
-local ttl = tonumber(ARGV[2])
-local first = tonumber(ARGV[4])
-local n = #ARGV - 4
-local stored = tonumber(redis.call('GET', KEYS[3]) or '0')
-local wrote = 0
-for i = 1, n do
-  if first + i - 1 > stored then
-    redis.call('XADD', KEYS[2], '*', 's', first + i - 1, 'e', ARGV[4 + i])
-    redis.call('PUBLISH', ARGV[3], ARGV[4 + i])
-    wrote = wrote + 1
+local replies = {}
+local a = 1
+for k = 1, #KEYS, 3 do
+  local token, channel, ttl = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+  local first, n = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+  local events = a + 5
+  local ok, reply = pcall(function()
+    if token ~= '' and redis.call('GET', KEYS[k]) ~= token then
+      return -1
+    end
+    local stored = tonumber(redis.call('GET', KEYS[k + 2]) or '0')
+    local wrote = 0
+    for i = 0, n - 1 do
+      if first + i > stored then
+        redis.call('XADD', KEYS[k + 1], '*', 's', first + i, 'e', ARGV[events + i])
+        redis.call('PUBLISH', channel, ARGV[events + i])
+        wrote = wrote + 1
+      end
+    end
+    if first + n - 1 > stored then
+      stored = first + n - 1
+    end
+    redis.call('SET', KEYS[k + 2], stored, 'EX', ttl)
+    redis.call('EXPIRE', KEYS[k + 1], ttl)
+    return wrote
+  end)
+  if ok then
+    replies[#replies + 1] = reply
+  else
+    replies[#replies + 1] = tostring(type(reply) == 'table' and reply.err or reply)
   end
+  a = events + n
 end
-if first + n - 1 > stored then
-  stored = first + n - 1
-end
-redis.call('SET', KEYS[3], stored, 'EX', ttl)
-redis.call('EXPIRE', KEYS[2], ttl)
-return wrote
+return replies
+"""
+
+BUSY_LINGER_S = 0.002
+"""With no window set, how long a busy writer lets events gather before its next write.
+
+Busy means the last write carried more than one job's events: many jobs are streaming,
+and each write's fixed cost (a wake-up, a round trip) is worth sharing among more of them.
+Waited events (an attempt's first delta, the terminal event) never linger.
 """
 
 ACK_TIMEOUT_S = 30.0
@@ -89,7 +115,7 @@ class _Batch:
 
 
 class EventWriter:
-    """Delivers the events of every job in this process, in order, in pipelined batches.
+    """Delivers the events of every job in this process, in order, in batched script calls.
 
     Args:
         client: Redis.
@@ -101,25 +127,33 @@ class EventWriter:
         self._redis = client
         self._window_s = window_s
         self._script = client.register_script(_APPEND)
+        # The writer's own connection: no pool checkout (and its readiness poll) per batch.
+        self._conn = client.connection_pool.get_connection()
         self._cond = threading.Condition()
         self._queue: deque[_Item] = deque()
         self._waiters = 0
+        self._busy = False
         self._thread = threading.Thread(target=self._loop, name="reliever-events", daemon=True)
         self._thread.start()
 
     def submit(self, item: _Item) -> None:
         with self._cond:
+            # With items queued the writer is busy or waiting out the window: only a
+            # waited item needs to wake it.
+            wake = not self._queue or item.done is not None
             self._queue.append(item)
             if item.done is not None:
                 self._waiters += 1
-            self._cond.notify()
+            if wake:
+                self._cond.notify()
 
     def _take(self) -> list[_Item]:
         with self._cond:
             while not self._queue:
                 self._cond.wait()
-            if self._window_s > 0:
-                until = self._queue[0].at + self._window_s
+            window_s = self._window_s or (BUSY_LINGER_S if self._busy else 0.0)
+            if window_s > 0:
+                until = self._queue[0].at + window_s
                 while not self._waiters and (left := until - time.monotonic()) > 0:
                     self._cond.wait(left)
             items = list(self._queue)
@@ -165,23 +199,39 @@ class EventWriter:
             event = batch.sink.stamp_next(body, item.ts)
             batch.events.append(event)
             item.event = event
+        self._busy = len(batches) > 1
         live = [b for b in batches.values() if b.events and b.sink.failure is None]
         if not live:
             return
-        results = self._send(live)
-        for batch, result in zip(live, results, strict=True):
-            if isinstance(result, Exception):
-                batch.sink.fail(result)
-            elif result == -1:
+        for batch, reply in zip(live, self._send(live), strict=True):
+            if reply == -1:
                 batch.sink.fail(LeaseLost(f"job {batch.sink.job_id}: the lease moved elsewhere"))
+            elif isinstance(reply, bytes):
+                batch.sink.fail(redis.ResponseError(reply.decode(errors="replace")))
 
     @retry_redis_blips
     def _send(self, live: list[_Batch]) -> list[Any]:
-        pipe = self._redis.pipeline(transaction=False)
+        """One script call for the whole batch (one command, one reply)."""
+        keys: list[str] = []
+        args: list[Any] = []
         for batch in live:
-            batch.sink.queue_write(self._script, pipe, batch.events)
-        results: list[Any] = pipe.execute(raise_on_error=False)
-        return results
+            batch.sink.add_write(keys, args, batch.events)
+        try:
+            return self._evalsha(keys, args)
+        except redis.exceptions.NoScriptError:
+            # Redis restarted (or its scripts were flushed) since the last load.
+            self._redis.script_load(_APPEND)
+            return self._evalsha(keys, args)
+
+    def _evalsha(self, keys: list[str], args: list[Any]) -> list[Any]:
+        conn = self._conn
+        try:
+            conn.send_command("EVALSHA", self._script.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+            replies: list[Any] = conn.read_response()
+        except (redis.ConnectionError, redis.TimeoutError):
+            conn.disconnect()  # type: ignore[no-untyped-call]  # the next call reconnects
+            raise
+        return replies
 
 
 _writers: weakref.WeakKeyDictionary[redis.Redis, dict[float, EventWriter]] = (
@@ -213,6 +263,8 @@ class RedisEventLog:
             (empty: no lease check, for runs outside a worker).
         flush_window_s: how long deltas may wait to be merged (0: only what queues up
             while a write is in flight).
+        last_seq: the job's last stored seq, when the caller read it already (None: read
+            it here).
     """
 
     def __init__(
@@ -225,18 +277,22 @@ class RedisEventLog:
         ttl_s: int,
         lease_token: str = "",
         flush_window_s: float = 0.0,
+        last_seq: int | None = None,
     ) -> None:
-        self._keys = keys
         self.job_id = job_id
+        self._write_keys = (keys.lease(job_id), keys.log(job_id), keys.seq(job_id))
+        self._channel = keys.events(job_id)
         self._clock = clock
         self._ttl_s = ttl_s
         self._token = lease_token
         self._writer = shared_writer(client, flush_window_s)
         self.failure: BaseException | None = None
         self._streaming_n: int | None = None
-        stored = client.get(keys.seq(job_id))
-        self._next = int(stored) + 1 if stored is not None else 1
-        self.last_seq = self._next - 1
+        if last_seq is None:
+            stored = client.get(keys.seq(job_id))
+            last_seq = int(stored) if stored is not None else 0
+        self._next = last_seq + 1
+        self.last_seq = last_seq
         """The seq stored before this run began (0 for a job that never published)."""
 
     def emit(self, body: Event) -> Event:
@@ -285,11 +341,8 @@ class RedisEventLog:
         self._next += 1
         return event
 
-    def queue_write(self, script: Any, pipe: Any, events: list[Event]) -> None:
-        job_id = self.job_id
-        script(
-            keys=[self._keys.lease(job_id), self._keys.log(job_id), self._keys.seq(job_id)],
-            args=[self._token, self._ttl_s, self._keys.events(job_id), events[0]["seq"]]
-            + [encode(e) for e in events],
-            client=pipe,
-        )
+    def add_write(self, keys: list[str], args: list[Any], events: list[Event]) -> None:
+        """Add this job's part of a batch write: its keys, then its header and events."""
+        keys += self._write_keys
+        args += (self._token, self._channel, self._ttl_s, events[0]["seq"], len(events))
+        args += map(encode, events)

@@ -3,16 +3,19 @@ and a service rerun — the parts a worker process shares between its jobs."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import subprocess
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
 from settings import Settings
-from tests.http_support import wait_for
+from tests.http_support import free_port, wait_for
 from worker.clock import CancelToken, SystemClock
 from worker.control import CancelListener
 from worker.keys import Keys
@@ -125,9 +128,9 @@ def test_event_log_append_is_idempotent_and_a_rerun_continues_seq(
     first.emit({"type": "restarted", "discard": True})
     first.close()
     event = log_of(redis_client, keys, "again")[0]
-    pipe = redis_client.pipeline(transaction=False)
-    first.queue_write(first._writer._script, pipe, [event])
-    pipe.execute()
+    keys_, args = [], []
+    first.add_write(keys_, args, [event])
+    assert first._writer._script(keys=keys_, args=args) == [0]
 
     second = sink(redis_client, keys, "again")
     second.emit({"type": "restarted", "discard": True})
@@ -135,6 +138,67 @@ def test_event_log_append_is_idempotent_and_a_rerun_continues_seq(
 
     assert [e["seq"] for e in log_of(redis_client, keys, "again")] == [1, 2]
     assert second.last_seq == 1
+
+
+def test_event_log_batch_isolates_a_job_whose_key_is_broken(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
+    """One script call writes many jobs; a job whose replay log has the wrong type fails
+    alone, with Redis's error, and the other jobs of the same call are written."""
+    redis_client.hset(keys.log("broken"), "x", "1")
+    broken, healthy = sink(redis_client, keys, "broken"), sink(redis_client, keys, "healthy")
+    event = {"job_id": "x", "seq": 1, "type": "restarted", "ts": 0.0, "discard": True}
+    keys_: list[str] = []
+    args: list[Any] = []
+    broken.add_write(keys_, args, [event])
+    healthy.add_write(keys_, args, [event])
+
+    replies = healthy._writer._script(keys=keys_, args=args)
+
+    assert b"WRONGTYPE" in replies[0]
+    assert replies[1] == 1
+    assert len(log_of(redis_client, keys, "healthy")) == 1
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        broken.emit({"type": "delta", "n": 1, "text": "a"})
+
+
+@contextlib.contextmanager
+def private_redis(port: int, workdir: Path) -> Iterator[redis.Redis]:
+    """A redis-server of this test's own on ``port`` (nothing on disk), stopped on exit."""
+    proc = subprocess.Popen(
+        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+         "--appendonly", "no", "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    client = redis.Redis(port=port)
+    try:
+        wait_for(lambda: _pings(client), timeout_s=10, what=f"redis-server on port {port}")
+        yield client
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _pings(client: redis.Redis) -> bool | None:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return None
+
+
+def test_event_writer_survives_a_redis_restart(tmp_path: Path) -> None:
+    """The writer's own connection reconnects and its script is loaded again after Redis
+    restarts (empty: the server keeps nothing); the job's next events are stored."""
+    port = free_port()
+    keys = Keys("restart")
+    with private_redis(port, tmp_path) as client:
+        s = sink(redis.Redis(port=port), keys, "job")
+        s.emit({"type": "delta", "n": 1, "text": "before "})
+        assert len(log_of(client, keys, "job")) == 1
+    with private_redis(port, tmp_path) as client:
+        assert client.script_exists(s._writer._script.sha) == [False]
+        s.emit({"type": "delta", "n": 2, "text": "after"})
+        assert [(e["seq"], e["text"]) for e in log_of(client, keys, "job")] == [(2, "after")]
 
 
 @pytest.fixture
@@ -154,12 +218,12 @@ def test_leases_keep_renewing_when_the_reaper_fails(
         reaps.append(1)
         raise RuntimeError("broker unreachable")
 
-    token = leases.acquire("kept", {"job_id": "kept"}, on_lost=lambda: None)
+    lease = leases.acquire("kept", {"job_id": "kept"}, on_lost=lambda: None)
     leases.start(reap=failing_reap)
 
-    assert token is not None
+    assert lease is not None
     wait_for(lambda: True if len(reaps) >= 5 else None, timeout_s=5, interval_s=0.01, what="reaps")
-    assert redis_client.get(keys.lease("kept")) == token.encode()
+    assert redis_client.get(keys.lease("kept")) == lease.token.encode()
 
 
 def test_leases_claim_a_lapsed_job_once_and_put_it_back(
@@ -177,22 +241,55 @@ def test_leases_claim_a_lapsed_job_once_and_put_it_back(
     assert redis_client.hexists(keys.running(), "lost")
 
 
-def test_cancel_listener_keeps_the_running_token_when_a_duplicate_comes_and_goes(
+def test_lease_comes_with_the_jobs_state_and_is_refused_while_held(
+    leases: Leases, redis_client: redis.Redis, keys: Keys
+) -> None:
+    """One round trip takes the lease and reads the stored result, the log's last event,
+    the cancel key and the last seq; a second taker gets None and changes nothing."""
+    fresh = leases.acquire("fresh", {"job_id": "fresh"}, on_lost=lambda: None)
+    s = sink(redis_client, keys, "used")
+    s.emit({"type": "restarted", "discard": True})
+    s.emit({"type": "failed", "error": {"kind": "internal", "message": "x"}, "attempts": []})
+    redis_client.set(keys.result("used"), '{"status": "failed"}')
+    redis_client.set(keys.cancel("used"), "1")
+
+    used = leases.acquire("used", {"job_id": "used"}, on_lost=lambda: None)
+    again = leases.acquire("used", {"job_id": "used", "other": 1}, on_lost=lambda: None)
+
+    assert fresh is not None and used is not None
+    assert (fresh.result, fresh.last_event, fresh.cancelled, fresh.last_seq) == (
+        None, None, False, 0
+    )  # fmt: skip
+    assert used.result == b'{"status": "failed"}'
+    assert used.last_event is not None and json.loads(used.last_event)["type"] == "failed"
+    assert (used.cancelled, used.last_seq) == (True, 2)
+    assert again is None
+    assert redis_client.get(keys.lease("used")) == used.token.encode()
+    assert json.loads(redis_client.hget(keys.running(), "used")) == {"job_id": "used"}
+
+
+def test_cancel_listener_reaches_every_token_of_a_job_and_unregisters_one(
     redis_client: redis.Redis, keys: Keys
 ) -> None:
-    """A dropped duplicate delivery of a running job does not unhook the job's cancel."""
+    """A duplicate delivery registers beside the running run; dropping it leaves the
+    running run's token hooked, and a cancel while both are there reaches both."""
     listener = CancelListener(redis_client, keys)
-    running, duplicate = CancelToken(), CancelToken()
+    running, duplicate, later = CancelToken(), CancelToken(), CancelToken()
     listener.register("dup", running)
     listener.register("dup", duplicate)
-    listener.unregister("dup", duplicate)
-    listener.register("dup", running)
     listener.unregister("dup", duplicate)
 
     listener.deliver("dup")
 
     assert running.cancelled
     assert not duplicate.cancelled
+    listener.register("both", duplicate)
+    listener.register("both", later)
+    listener.deliver("both")
+    assert duplicate.cancelled and later.cancelled
+    listener.unregister("both", duplicate)
+    listener.unregister("both", later)
+    assert listener._tokens == {"dup": [running]}
 
 
 @pytest.fixture
