@@ -109,18 +109,19 @@ class StreamGuard:
             return ProviderTimeout("no first token within the first_token timeout")
         return ProviderTimeout("no complete answer within the total timeout")
 
-    def check(self) -> None:
-        """Raise the error of a budget that ran out, or :class:`Cancelled`."""
+    def check(self) -> float:
+        """Raise the error of a budget that ran out, or :class:`Cancelled`.
+
+        Returns:
+            The seconds until the nearest budget runs out (more than 0).
+        """
         if self._cancel.cancelled:
             raise Cancelled("the job was cancelled")
         at, which = self._next_trip()
-        if self._clock.monotonic() >= at:
+        left = at - self._clock.monotonic()
+        if left <= 0:
             raise self._error(which)
-
-    def seconds_left(self) -> float:
-        """Seconds until the nearest budget runs out (never negative)."""
-        at, _ = self._next_trip()
-        return max(0.0, at - self._clock.monotonic())
+        return left
 
     def attach(self, sock: socket.socket | None) -> None:
         """Remember the socket the current read uses, so that a cancel can shut it.
@@ -173,8 +174,7 @@ class GuardedStream(httpcore.NetworkStream):
             return self._inner.read(max_bytes, timeout)
         guard.attach(self._sock)
         try:
-            guard.check()
-            left = guard.seconds_left()
+            left = guard.check()
             wait = left if timeout is None else min(timeout, left)
             try:
                 data = self._inner.read(max_bytes, wait)
@@ -286,8 +286,7 @@ class GuardedBackend(httpcore.NetworkBackend):
             return GuardedStream(
                 self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
             )
-        guard.check()
-        left = guard.seconds_left()
+        left = guard.check()
         timeout = left if timeout is None else min(timeout, left)
         # A blocking connect cannot be woken by a cancellation, so connect ourselves and
         # poll; the socket then goes into httpcore's own sync stream, as its backend does.
