@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from celery import Task
+from celery.events.dispatcher import EventDispatcher
 
 from settings import Settings, get_settings
 from worker.runtime import build_runtime
@@ -25,6 +26,7 @@ class RelieverTask(Task[Any, Any]):
     resultrepr_maxsize = 200
     _service: Service | None = None
     _reporter: ThreadPoolExecutor | None = None
+    _dispatcher: EventDispatcher | None = None
     _service_lock = threading.Lock()
 
     @property
@@ -47,6 +49,14 @@ class RelieverTask(Task[Any, Any]):
                     self._reporter = ThreadPoolExecutor(1, thread_name_prefix="reliever-state")
         return self._reporter
 
+    def running_events(self, hostname: str | None) -> EventDispatcher:
+        """The reporter thread's event dispatcher: one connection, kept (call it only there)."""
+        if self._dispatcher is None:
+            self._dispatcher = self.app.events.Dispatcher(
+                self.app.connection_for_write(), hostname=hostname, enabled=True
+            )
+        return self._dispatcher
+
     def requeue(self, message: dict[str, Any]) -> None:
         """Send a job message again, under its job id, to the job queue."""
         self.app.send_task(
@@ -61,6 +71,13 @@ class RelieverTask(Task[Any, Any]):
         if self._reporter is not None:
             self._reporter.shutdown(wait=True)
             self._reporter = None
+        if self._dispatcher is not None:
+            # The reporter thread is gone: nothing else uses its dispatcher.
+            connection = self._dispatcher.connection
+            self._dispatcher.close()
+            if connection is not None:
+                connection.close()
+            self._dispatcher = None
         if self._service is not None:
             self._service.stop()
             self._service.runtime.close()

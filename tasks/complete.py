@@ -43,8 +43,9 @@ def complete(self: RelieverTask, job: Any) -> dict[str, Any]:
             # `task-running` event makes its state RUNNING. Flower's API and task page show
             # only the standard fields, so the meta rides in `result` (as JSON), which is
             # also what AsyncResult.info holds for a custom state.
-            with self.app.events.default_dispatcher(hostname=hostname) as dispatcher:
-                dispatcher.send("task-running", uuid=task_id, result=json.dumps(meta))
+            self.running_events(hostname).send(
+                "task-running", uuid=task_id, result=json.dumps(meta)
+            )
         except Exception:
             # A state Flower shows must never fail the job it describes.
             log.exception("job %s: could not record its RUNNING state", task_id)

@@ -36,6 +36,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return {
         "broker_url": settings.broker_url,
         "result_backend": settings.result_backend,
+        # One backend (one Redis pool) for the process: redis-py is thread-safe, and a
+        # backend per thread means one per task under gevent, each with a new connection.
+        "result_backend_thread_safe": True,
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],
