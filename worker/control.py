@@ -30,35 +30,42 @@ def request_cancel(client: redis.Redis, keys: Keys, job_id: str) -> None:
 
 
 class CancelListener:
-    """The process's cancel tokens by job id, fed by the control channel."""
+    """The process's cancel tokens by job id, fed by the control channel.
+
+    A job may have more than one token here for a moment (a duplicate delivery registers
+    before it learns that the job runs already); a cancel reaches them all.
+    """
 
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         self._redis = client
         self._keys = keys
-        self._tokens: dict[str, CancelToken] = {}
+        self._tokens: dict[str, list[CancelToken]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def register(self, job_id: str, token: CancelToken) -> None:
-        """Deliver cancels of ``job_id`` to ``token`` (set at once if already cancelled)."""
+        """Deliver cancels of ``job_id`` published from now on to ``token``.
+
+        A cancel published before is not delivered: the caller reads the job's cancel
+        key after registering (``Leases.acquire`` does).
+        """
         with self._lock:
-            self._tokens[job_id] = token
-        # Checked after registering: a cancel published before the registration was
-        # missed by the listener, but its key is already there.
-        if self._redis.exists(self._keys.cancel(job_id)):
-            token.cancel()
+            self._tokens.setdefault(job_id, []).append(token)
 
     def unregister(self, job_id: str, token: CancelToken) -> None:
-        """Stop delivering to ``token`` (another run's token for the job stays)."""
+        """Stop delivering to ``token`` (other tokens of the job stay)."""
         with self._lock:
-            if self._tokens.get(job_id) is token:
-                del self._tokens[job_id]
+            tokens = self._tokens.get(job_id, [])
+            if token in tokens:
+                tokens.remove(token)
+            if not tokens:
+                self._tokens.pop(job_id, None)
 
     def deliver(self, job_id: str) -> None:
         with self._lock:
-            token = self._tokens.get(job_id)
-        if token is not None:
+            tokens = list(self._tokens.get(job_id, ()))
+        for token in tokens:
             token.cancel()
 
     def start(self) -> None:

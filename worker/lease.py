@@ -18,6 +18,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -26,12 +27,20 @@ from worker.keys import Keys
 
 log = logging.getLogger(__name__)
 
+# Takes the lease and lists the job as running; then reads what the run must know at its
+# start: the stored result, the replay log's last entry, the cancel key and the last seq.
 _ACQUIRE = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
-  return 1
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return false
 end
-return 0
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+local last = redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)[1]
+return {
+  redis.call('GET', KEYS[3]),
+  last and last[2] or false,
+  redis.call('EXISTS', KEYS[5]),
+  redis.call('GET', KEYS[6]),
+}
 """
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -53,6 +62,21 @@ if redis.call('EXISTS', KEYS[1]) == 0 and redis.call('HDEL', KEYS[2], ARGV[1]) =
 end
 return 0
 """
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A run's lease on its job, and the job's state read in the same round trip."""
+
+    token: str
+    result: bytes | None
+    """The job's stored result: it already ended."""
+    last_event: bytes | None
+    """The replay log's last event (JSON), if the job published any."""
+    cancelled: bool
+    """The job's cancel key is set."""
+    last_seq: int
+    """The seq of the job's last stored event (0: none)."""
 
 
 class Leases:
@@ -79,23 +103,43 @@ class Leases:
 
     def acquire(
         self, job_id: str, message: dict[str, Any], on_lost: Callable[[], None]
-    ) -> str | None:
+    ) -> Lease | None:
         """Take the job's lease and list it as running; None when a live run holds it.
 
-        ``on_lost`` runs (in the keeper thread) if the lease is ever found taken over.
+        The job's state comes back with the lease (one script, one round trip): read
+        under the lease, it cannot change before the run starts but by a cancel, and a
+        cancel token registered before this call misses none. ``on_lost`` runs (in the
+        keeper thread) if the lease is ever found taken over.
         """
         token = uuid.uuid4().hex
+        keys = self._keys
         # One script, so that no crash can leave a lease without its running entry
         # (such a job would wait out the broker's visibility timeout).
-        ok = self._acquire(
-            keys=[self._keys.lease(job_id), self._keys.running()],
+        reply: Any = self._acquire(
+            keys=[
+                keys.lease(job_id),
+                keys.running(),
+                keys.result(job_id),
+                keys.log(job_id),
+                keys.cancel(job_id),
+                keys.seq(job_id),
+            ],
             args=[token, round(self.ttl_s * 1000), job_id, json.dumps(message)],
         )
-        if not ok:
+        if reply is None:
             return None
+        result, fields, cancelled, seq = reply
         with self._lock:
             self._held[job_id] = (token, on_lost)
-        return token
+        return Lease(
+            token=token,
+            result=result,
+            last_event=dict(zip(fields[::2], fields[1::2], strict=True)).get(b"e")
+            if fields
+            else None,
+            cancelled=bool(cancelled),
+            last_seq=int(seq or 0),
+        )
 
     def release(self, job_id: str, token: str) -> None:
         with self._lock:

@@ -24,12 +24,13 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from worker.agents import Agent
 from worker.clock import CancelToken, Deadline
 from worker.control import CancelListener
 from worker.errors import InvalidJob, JobError, UnknownAgent
 from worker.events import TERMINAL_TYPES, Event, EventSink, result_of
 from worker.jobs import JOB_ID_PATTERN, Job, parse_job
-from worker.lease import Leases
+from worker.lease import Lease, Leases
 from worker.observer import observe, observe_rejected
 from worker.redis_events import LeaseLost, RedisEventLog
 from worker.runtime import Runtime
@@ -118,23 +119,47 @@ class Service:
             return self._reject(job_id, exc)
 
         cancel = CancelToken()
-        token = self.leases.acquire(job_id, message, on_lost=cancel.cancel)
-        if token is None:
-            log.info("job %s is running elsewhere; dropping this delivery", job_id)
-            return None
+        # Registered before the lease is taken, which reads the cancel key: a cancel
+        # published from here on reaches the token, and one published before is in the key.
+        self.cancels.register(job_id, cancel)
         try:
-            ended = self._ended(job_id)
+            lease = self.leases.acquire(job_id, message, on_lost=cancel.cancel)
+            if lease is None:
+                log.info("job %s is running elsewhere; dropping this delivery", job_id)
+                return None
+            if lease.cancelled:
+                cancel.cancel()
+            try:
+                return self._run(job, agent, lease, cancel, progress)
+            finally:
+                self.leases.release(job_id, lease.token)
+        finally:
+            self.cancels.unregister(job_id, cancel)
+
+    def _run(
+        self,
+        job: Job,
+        agent: Agent,
+        lease: Lease,
+        cancel: CancelToken,
+        progress: Progress | None,
+    ) -> dict[str, Any] | None:
+        """Run the job under its lease: its stored result if it ended, else the chain."""
+        rt = self.runtime
+        job_id = job.job_id
+        try:
+            ended = self._ended(job_id, lease)
             if ended is not None:
                 return ended
-            self.cancels.register(job_id, cancel)
             sink = RedisEventLog(
                 rt.redis,
                 rt.keys,
                 job_id,
                 rt.clock,
                 ttl_s=rt.settings.event_ttl,
-                lease_token=token,
+                lease_token=lease.token,
                 flush_window_s=rt.settings.delta_flush_ms / 1000.0,
+                last_seq=lease.last_seq,
             )
             attempts_so_far = 0
             if sink.last_seq > 0:
@@ -157,27 +182,19 @@ class Service:
         except LeaseLost:
             log.warning("job %s: another worker took it over; this run stops", job_id)
             return None
-        finally:
-            self.cancels.unregister(job_id, cancel)
-            self.leases.release(job_id, token)
 
-    def _ended(self, job_id: str) -> dict[str, Any] | None:
-        """The result of a job that already ended (checked again under the lease).
+    def _ended(self, job_id: str, lease: Lease) -> dict[str, Any] | None:
+        """The result of a job that already ended (read with the lease).
 
         A worker can die between publishing the terminal event and storing the result; the
         rerun then finds the terminal event in the log and must not run the job again.
         """
-        rt = self.runtime
-        pipe = rt.redis.pipeline(transaction=False)
-        pipe.get(rt.keys.result(job_id))
-        pipe.xrevrange(rt.keys.log(job_id), count=1)
-        stored, entries = pipe.execute()
-        if stored is not None:
+        if lease.result is not None:
             log.info("job %s already ended; returning its stored result", job_id)
-            result: dict[str, Any] = json.loads(stored)
-            return result
-        for _entry_id, fields in entries:
-            last: Event = json.loads(fields[b"e"])
+            stored: dict[str, Any] = json.loads(lease.result)
+            return stored
+        if lease.last_event is not None:
+            last: Event = json.loads(lease.last_event)
             if last.get("type") in TERMINAL_TYPES:
                 result = result_of(last)
                 self._store(job_id, result)
