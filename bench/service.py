@@ -140,7 +140,13 @@ def latency(
 
 
 def throughput(
-    *, jobs: int, concurrency: int, flush_ms: int, log_dir: Path, cap_s: float
+    *,
+    jobs: int,
+    concurrency: int,
+    flush_ms: int,
+    log_dir: Path,
+    cap_s: float,
+    pool: str = "threads",
 ) -> dict[str, Any]:
     ns = Namespace()
     scenario = SHORT
@@ -153,7 +159,7 @@ def throughput(
     result: dict[str, Any] = {}
     try:
         worker = start_worker(
-            log_dir, env, pool="threads", concurrency=concurrency, name=f"{ns.name}-tp"
+            log_dir, env, pool=pool, concurrency=concurrency, name=f"{ns.name}-tp"
         )
         for _ in range(5):  # warm the worker's connections
             _follow(client, ns, scenario.model)
@@ -185,7 +191,7 @@ def throughput(
             "scenario": {
                 "chunks": scenario.chunks,
                 "jobs": jobs,
-                "pool": "threads",
+                "pool": pool,
                 "concurrency": concurrency,
                 "delta_flush_ms": flush_ms,
             },
@@ -210,7 +216,13 @@ def throughput(
 
 
 def event_rate(
-    *, jobs: int, concurrency: int, flush_ms: int, log_dir: Path, cap_s: float
+    *,
+    jobs: int,
+    concurrency: int,
+    flush_ms: int,
+    log_dir: Path,
+    cap_s: float,
+    pool: str = "threads",
 ) -> dict[str, Any]:
     """Delta events per second one worker process publishes, and tokens per second.
 
@@ -233,7 +245,7 @@ def event_rate(
     result: dict[str, Any] = {}
     try:
         worker = start_worker(
-            log_dir, env, pool="threads", concurrency=concurrency, name=f"{ns.name}-ev"
+            log_dir, env, pool=pool, concurrency=concurrency, name=f"{ns.name}-ev"
         )
         _follow(client, ns, scenario.model)  # warm the worker's connections
         ids = [str(uuid.uuid4()) for _ in range(jobs)]
@@ -264,7 +276,7 @@ def event_rate(
             "scenario": {
                 "chunks": scenario.chunks,
                 "jobs": jobs,
-                "pool": "threads",
+                "pool": pool,
                 "concurrency": concurrency,
                 "delta_flush_ms": flush_ms,
             },
