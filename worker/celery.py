@@ -52,7 +52,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "worker_send_task_events": True,
         "task_send_sent_event": True,
-        "task_track_started": True,
+        # task_track_started stays off: it would store STARTED in the result backend (a
+        # GET and a SET) before every job's first line runs. Flower takes STARTED from the
+        # task-started event, and the backend's state goes PENDING -> RUNNING (stored at
+        # the first attempt, off the job's path) -> SUCCESS.
         "result_expires": settings.result_expires_s,
         "task_default_queue": settings.queue,
         "task_routes": {TASK_NAME: {"queue": settings.queue}},
