@@ -14,7 +14,8 @@
 7. Cooldown: a non-retryable primary failure other than a context overflow (or, with
    ``cooldown_on_exhausted``, the primary using up its retries) rescued by a fallback
    pins the agent to that fallback for
-   ``max(cooldown, Retry-After)``; a primary success clears the pin; a failing pin rescued
+   ``max(cooldown, Retry-After)``; a primary success clears the pin the job started
+   with (a pin set by another worker while it ran stays); a failing pin rescued
    by a later model moves the pin; a job that starts inside a cooldown and fails on the rest
    of the chain tries the skipped models before giving up. No ``fallback`` event when a
    job merely starts inside a cooldown.
@@ -35,7 +36,7 @@ from typing import Any
 
 from worker.agents import Agent, ModelRef
 from worker.clock import CancelToken, Clock, Deadline
-from worker.cooldown import CooldownStore, Pin
+from worker.cooldown import CooldownStore, Pin, PinAtStart
 from worker.errors import (
     Cancelled,
     ChainFailed,
@@ -170,6 +171,7 @@ class ChainExecutor:
         cancel: CancelToken | None = None,
         deadline: Deadline | None = None,
         first_n: int = 0,
+        pin_at_start: PinAtStart | None = None,
     ) -> Outcome:
         """Run ``job`` to its terminal event, which this method always emits.
 
@@ -181,6 +183,8 @@ class ChainExecutor:
             deadline: the job's deadline (default: ``job.deadline_s`` from now).
             first_n: attempts a lost earlier run of this job already published; this
                 run's attempt numbers ``n`` continue after them.
+            pin_at_start: the agent's pin, when the caller read it as the job started
+                (default: read it from the cooldown store now).
 
         Raises:
             Exception: only a bug; ``failed`` (kind ``internal``) was emitted first.
@@ -192,6 +196,7 @@ class ChainExecutor:
             sink=sink,
             cancel=cancel or CancelToken(),
             deadline=deadline or Deadline.after(self._clock, job.deadline_s),
+            pin_at_start=pin_at_start,
         )
         run.n = first_n
         return run.execute()
@@ -209,6 +214,7 @@ class _JobRun:
         sink: EventSink,
         cancel: CancelToken,
         deadline: Deadline,
+        pin_at_start: PinAtStart | None,
     ) -> None:
         self.x = executor
         self.clock = executor._clock
@@ -217,6 +223,8 @@ class _JobRun:
         self.sink = sink
         self.cancel = cancel
         self.deadline = deadline
+        self.pin_at_start = pin_at_start
+        self.started_pinned = False
         self.records: list[AttemptRecord] = []
         self.usage = Usage()
         self.n = 0
@@ -252,7 +260,11 @@ class _JobRun:
     def _order(self) -> tuple[list[int], bool]:
         """Chain positions in the order this job tries them, and whether it is pinned."""
         names = self.agent.chain_names
-        pin = self.x._cooldowns.get(self.agent.name)
+        if self.pin_at_start is None:
+            pin = self.x._cooldowns.get(self.agent.name)
+        else:
+            pin = self.pin_at_start.pin
+        self.started_pinned = pin is not None
         start = 0
         if pin is not None and pin.chain == names and pin.model in names[1:]:
             start = names.index(pin.model)
@@ -462,7 +474,8 @@ class _JobRun:
         agent = self.agent
         store = self.x._cooldowns
         if idx == 0:
-            store.clear(agent.name)
+            if self.started_pinned:
+                store.clear(agent.name)
         elif primary_failure is not None or (pin_failure is not None and idx != start):
             cause = primary_failure or pin_failure
             assert cause is not None

@@ -50,6 +50,13 @@ class Pin:
             return None
 
 
+@dataclass(frozen=True, slots=True)
+class PinAtStart:
+    """The agent's pin as the caller read it when the job started (``pin`` None: no pin)."""
+
+    pin: Pin | None
+
+
 class CooldownStore(Protocol):
     def get(self, agent: str) -> Pin | None:
         """The agent's live pin, or None."""

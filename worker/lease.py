@@ -28,7 +28,8 @@ from worker.keys import Keys
 log = logging.getLogger(__name__)
 
 # Takes the lease and lists the job as running; then reads what the run must know at its
-# start: the stored result, the replay log's last entry, the cancel key and the last seq.
+# start: the stored result, the replay log's last entry, the cancel key, the last seq and
+# one more key of the caller's (KEYS[7], when given).
 _ACQUIRE = """
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return false
@@ -40,6 +41,7 @@ return {
   last and last[2] or false,
   redis.call('EXISTS', KEYS[5]),
   redis.call('GET', KEYS[6]),
+  KEYS[7] and redis.call('GET', KEYS[7]) or false,
 }
 """
 _RENEW = """
@@ -77,6 +79,8 @@ class Lease:
     """The job's cancel key is set."""
     last_seq: int
     """The seq of the job's last stored event (0: none)."""
+    read_value: bytes | None = None
+    """The value of the ``read_key`` given to :meth:`Leases.acquire`."""
 
 
 class Leases:
@@ -102,14 +106,20 @@ class Leases:
         self._threads: list[threading.Thread] = []
 
     def acquire(
-        self, job_id: str, message: dict[str, Any], on_lost: Callable[[], None]
+        self,
+        job_id: str,
+        message: dict[str, Any],
+        on_lost: Callable[[], None],
+        *,
+        read_key: str | None = None,
     ) -> Lease | None:
         """Take the job's lease and list it as running; None when a live run holds it.
 
         The job's state comes back with the lease (one script, one round trip): read
         under the lease, it cannot change before the run starts but by a cancel, and a
-        cancel token registered before this call misses none. ``on_lost`` runs (in the
-        keeper thread) if the lease is ever found taken over.
+        cancel token registered before this call misses none. ``read_key`` is one more
+        key to read in the same trip (the service reads the agent's cooldown pin).
+        ``on_lost`` runs (in the keeper thread) if the lease is ever found taken over.
         """
         token = uuid.uuid4().hex
         keys = self._keys
@@ -123,12 +133,13 @@ class Leases:
                 keys.log(job_id),
                 keys.cancel(job_id),
                 keys.seq(job_id),
+                *([read_key] if read_key is not None else []),
             ],
             args=[token, round(self.ttl_s * 1000), job_id, json.dumps(message)],
         )
         if reply is None:
             return None
-        result, fields, cancelled, seq = reply
+        result, fields, cancelled, seq, read_value = reply
         with self._lock:
             self._held[job_id] = (token, on_lost)
         return Lease(
@@ -139,6 +150,7 @@ class Leases:
             else None,
             cancelled=bool(cancelled),
             last_seq=int(seq or 0),
+            read_value=read_value,
         )
 
     def release(self, job_id: str, token: str) -> None:

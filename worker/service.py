@@ -27,6 +27,7 @@ from typing import Any
 from worker.agents import Agent
 from worker.clock import CancelToken, Deadline
 from worker.control import CancelListener
+from worker.cooldown import Pin, PinAtStart
 from worker.errors import InvalidJob, JobError, UnknownAgent
 from worker.events import TERMINAL_TYPES, Event, EventSink, result_of
 from worker.jobs import JOB_ID_PATTERN, Job, parse_job
@@ -123,7 +124,9 @@ class Service:
         # published from here on reaches the token, and one published before is in the key.
         self.cancels.register(job_id, cancel)
         try:
-            lease = self.leases.acquire(job_id, message, on_lost=cancel.cancel)
+            lease = self.leases.acquire(
+                job_id, message, on_lost=cancel.cancel, read_key=rt.keys.cooldown(agent.name)
+            )
             if lease is None:
                 log.info("job %s is running elsewhere; dropping this delivery", job_id)
                 return None
@@ -174,6 +177,9 @@ class Service:
                 cancel=cancel,
                 deadline=self._deadline(job),
                 first_n=attempts_so_far,
+                pin_at_start=PinAtStart(
+                    None if lease.read_value is None else Pin.from_json(lease.read_value)
+                ),
             )
             sink.close()
             result = outcome.result()

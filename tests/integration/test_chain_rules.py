@@ -22,7 +22,7 @@ import redis
 
 from tests.http_support import wait_for
 from worker.clock import CancelToken, SystemClock
-from worker.cooldown import MemoryCooldownStore, Pin, RedisCooldownStore
+from worker.cooldown import MemoryCooldownStore, Pin, PinAtStart, RedisCooldownStore
 from worker.events import TERMINAL_TYPES, MemoryEventSink
 from worker.keys import Keys
 from worker.mockllm import (
@@ -729,6 +729,25 @@ def test_chain_cooldown_cleared_by_primary_success(
     ]
     assert not redis_client.exists(keys.cooldown("support"))
     assert shape(sinks[2].events)[0] == ("started", "primary", False)
+
+
+def test_chain_primary_success_keeps_a_pin_set_while_it_ran(
+    agent, make_job, make_executor, sink_for, mock, redis_store, redis_client, keys
+):
+    """A job that started with no pin (read by its caller) and succeeded on the primary
+    leaves alone the pin another worker set meanwhile: that failure is the newer news."""
+    mock.script("primary", [Reply(text=P)])
+    support = agent()
+    redis_store.pin("support", Pin(model="backup", chain=support.chain_names, reason="fatal"), 60)
+    job = make_job()
+    sink = sink_for(job)
+
+    make_executor(redis_store).run(job, support, sink, pin_at_start=PinAtStart(None))
+
+    assert shape(sink.events)[0] == ("started", "primary", False)
+    assert sink.events[-1]["model"] == "primary"
+    assert redis_store.get("support") is not None
+    assert redis_client.pttl(keys.cooldown("support")) > 0
 
 
 def test_chain_cooldown_ignored_after_config_change(

@@ -245,24 +245,30 @@ def test_lease_comes_with_the_jobs_state_and_is_refused_while_held(
     leases: Leases, redis_client: redis.Redis, keys: Keys
 ) -> None:
     """One round trip takes the lease and reads the stored result, the log's last event,
-    the cancel key and the last seq; a second taker gets None and changes nothing."""
+    the cancel key, the last seq and the caller's key; a second taker gets None and
+    changes nothing."""
     fresh = leases.acquire("fresh", {"job_id": "fresh"}, on_lost=lambda: None)
     s = sink(redis_client, keys, "used")
     s.emit({"type": "restarted", "discard": True})
     s.emit({"type": "failed", "error": {"kind": "internal", "message": "x"}, "attempts": []})
     redis_client.set(keys.result("used"), '{"status": "failed"}')
     redis_client.set(keys.cancel("used"), "1")
+    redis_client.set(keys.cooldown("agent"), "pin")
 
-    used = leases.acquire("used", {"job_id": "used"}, on_lost=lambda: None)
+    used = leases.acquire(
+        "used", {"job_id": "used"}, on_lost=lambda: None, read_key=keys.cooldown("agent")
+    )
     again = leases.acquire("used", {"job_id": "used", "other": 1}, on_lost=lambda: None)
 
-    assert fresh is not None and used is not None
+    assert fresh is not None
+    assert used is not None
     assert (fresh.result, fresh.last_event, fresh.cancelled, fresh.last_seq) == (
         None, None, False, 0
     )  # fmt: skip
     assert used.result == b'{"status": "failed"}'
-    assert used.last_event is not None and json.loads(used.last_event)["type"] == "failed"
-    assert (used.cancelled, used.last_seq) == (True, 2)
+    assert used.last_event is not None
+    assert json.loads(used.last_event)["type"] == "failed"
+    assert (used.cancelled, used.last_seq, used.read_value) == (True, 2, b"pin")
     assert again is None
     assert redis_client.get(keys.lease("used")) == used.token.encode()
     assert json.loads(redis_client.hget(keys.running(), "used")) == {"job_id": "used"}
@@ -286,7 +292,8 @@ def test_cancel_listener_reaches_every_token_of_a_job_and_unregisters_one(
     listener.register("both", duplicate)
     listener.register("both", later)
     listener.deliver("both")
-    assert duplicate.cancelled and later.cancelled
+    assert duplicate.cancelled
+    assert later.cancelled
     listener.unregister("both", duplicate)
     listener.unregister("both", later)
     assert listener._tokens == {"dup": [running]}
