@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from celery import Task
 from celery.events.dispatcher import EventDispatcher
 
 from settings import Settings, get_settings
+from tasks.progress import StateReporter
 from worker.runtime import build_runtime
 from worker.service import Service
 
@@ -25,9 +26,11 @@ class RelieverTask(Task[Any, Any]):
     # model, finish, usage …); the answer text comes last in the result and is cut off.
     resultrepr_maxsize = 200
     _service: Service | None = None
-    _reporter: ThreadPoolExecutor | None = None
+    _reporter: StateReporter | None = None
     _dispatcher: EventDispatcher | None = None
     _service_lock = threading.Lock()
+    node: str | None = None
+    """The worker's node name (for the events the reporter sends), from its first job."""
 
     @property
     def service(self) -> Service:
@@ -41,19 +44,28 @@ class RelieverTask(Task[Any, Any]):
         return self._service
 
     @property
-    def progress_reporter(self) -> ThreadPoolExecutor:
-        """One thread per process that writes the RUNNING states Flower shows, in order."""
+    def progress_reporter(self) -> StateReporter:
+        """The process's writer of the RUNNING states Flower shows."""
         if self._reporter is None:
             with self._service_lock:
                 if self._reporter is None:
-                    self._reporter = ThreadPoolExecutor(1, thread_name_prefix="reliever-state")
+                    self._reporter = StateReporter(self.write_running)
         return self._reporter
 
-    def running_events(self, hostname: str | None) -> EventDispatcher:
+    def write_running(self, task_id: str, meta: dict[str, Any]) -> None:
+        """Store the RUNNING state and tell Flower (in the reporter's thread)."""
+        self.update_state(task_id=task_id, state=RUNNING, meta=meta)
+        # Flower knows tasks only from events, and update_state sends none: a custom
+        # `task-running` event makes its state RUNNING. Flower's API and task page show
+        # only the standard fields, so the meta rides in `result` (as JSON), which is
+        # also what AsyncResult.info holds for a custom state.
+        self._running_events().send("task-running", uuid=task_id, result=json.dumps(meta))
+
+    def _running_events(self) -> EventDispatcher:
         """The reporter thread's event dispatcher: one connection, kept (call it only there)."""
         if self._dispatcher is None:
             self._dispatcher = self.app.events.Dispatcher(
-                self.app.connection_for_write(), hostname=hostname, enabled=True
+                self.app.connection_for_write(), hostname=self.node, enabled=True
             )
         return self._dispatcher
 
@@ -69,7 +81,7 @@ class RelieverTask(Task[Any, Any]):
 
     def shutdown(self) -> None:
         if self._reporter is not None:
-            self._reporter.shutdown(wait=True)
+            self._reporter.stop()
             self._reporter = None
         if self._dispatcher is not None:
             # The reporter thread is gone: nothing else uses its dispatcher.
@@ -82,6 +94,10 @@ class RelieverTask(Task[Any, Any]):
             self._service.stop()
             self._service.runtime.close()
             self._service = None
+
+
+RUNNING = "RUNNING"
+"""The custom state Flower shows while a job runs; its meta names the model and attempt."""
 
 
 def argsrepr(message: Any) -> str:
