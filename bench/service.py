@@ -77,7 +77,14 @@ def _follow(client: Client, ns: Namespace, agent: str) -> dict[str, Any]:
 
 
 def latency(
-    *, jobs: int, warmup: int, concurrency: int, flush_ms: int, log_dir: Path, cap_s: float
+    *,
+    jobs: int,
+    warmup: int,
+    concurrency: int,
+    flush_ms: int,
+    log_dir: Path,
+    cap_s: float,
+    pool: str = "threads",
 ) -> dict[str, Any]:
     ns = Namespace()
     scenario = OVERHEAD
@@ -97,7 +104,7 @@ def latency(
     started = time.monotonic()
     try:
         worker = start_worker(
-            log_dir, env, pool="threads", concurrency=concurrency, name=f"{ns.name}-lat"
+            log_dir, env, pool=pool, concurrency=concurrency, name=f"{ns.name}-lat"
         )
         for i in range(warmup + jobs):
             if time.monotonic() - started > cap_s:
@@ -128,7 +135,7 @@ def latency(
             "chunk_chars": scenario.chunk_chars,
             "jobs": len(rows["first"]),
             "warmup_jobs": warmup,
-            "pool": "threads",
+            "pool": pool,
             "concurrency": concurrency,
             "delta_flush_ms": flush_ms,
             "reader": "Client.events() (XREAD on the replay log)",
