@@ -83,6 +83,10 @@ class Lease:
     """The value of the ``read_key`` given to :meth:`Leases.acquire`."""
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 class Leases:
     """Acquire, renew and release job leases; one instance per worker process.
 
@@ -189,11 +193,17 @@ class Leases:
         while True:
             reply: Any = self._redis.hscan(self._keys.running(), cursor, count=200)
             cursor, page = reply
-            if page:
+            with self._lock:
+                # This process's own jobs are alive: no need to ask Redis about them.
+                entries = [
+                    (job_id, message)
+                    for job_id, message in page.items()
+                    if _text(job_id) not in self._held
+                ]
+            if entries:
                 pipe = self._redis.pipeline(transaction=False)
-                entries = list(page.items())
                 for job_id, _ in entries:
-                    name = job_id.decode() if isinstance(job_id, bytes) else str(job_id)
+                    name = _text(job_id)
                     self._claim(
                         keys=[self._keys.lease(name), self._keys.running()],
                         args=[name],

@@ -229,14 +229,17 @@ def test_leases_keep_renewing_when_the_reaper_fails(
 def test_leases_claim_a_lapsed_job_once_and_put_it_back(
     leases: Leases, redis_client: redis.Redis, keys: Keys
 ) -> None:
-    """A job whose lease lapsed is claimed by one reaper only; put_back lists it again."""
-    other = Leases(redis_client, keys, ttl_s=0.3)
+    """A job whose lease lapsed is claimed by one reaper only, never by the process that
+    holds it (its own renewals find the loss); put_back lists it again."""
+    other, third = Leases(redis_client, keys, ttl_s=0.3), Leases(redis_client, keys, ttl_s=0.3)
     leases.acquire("lost", {"job_id": "lost", "agent": "a"}, on_lost=lambda: None)
     redis_client.delete(keys.lease("lost"))
 
-    claimed = leases.claim_lost() + other.claim_lost()
-    leases.put_back(claimed[0])
+    by_holder = leases.claim_lost()
+    claimed = other.claim_lost() + third.claim_lost()
+    other.put_back(claimed[0])
 
+    assert by_holder == []
     assert claimed == [{"job_id": "lost", "agent": "a"}]
     assert redis_client.hexists(keys.running(), "lost")
 
