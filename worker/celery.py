@@ -8,6 +8,7 @@ on for Flower, result expiry, and broker retries at start-up.
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 from celery import Celery, signals
@@ -93,6 +94,10 @@ def _start_background(sender: Any = None, **_: Any) -> None:
     consumer_app = getattr(sender, "app", None)
     if consumer_app is not None and TASK_NAME in consumer_app.tasks:
         consumer_app.tasks[TASK_NAME].service  # noqa: B018 - builds and starts it
+    # Everything built so far (modules, the app, the service) lives as long as the
+    # process: moved out of the collector's sight, a full collection no longer walks it
+    # (one took 80-110 ms with 500 streams running, a pause in every stream).
+    gc.freeze()
 
 
 @signals.worker_shutdown.connect
