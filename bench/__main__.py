@@ -54,9 +54,15 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--quick", action="store_true", help="small counts; under a minute")
     p.add_argument("--only", type=_strs, default=None, help=f"comma list of {', '.join(SECTIONS)}")
-    p.add_argument("--streams", type=_ints, help="capacity levels (default 100,250,500)")
+    p.add_argument(
+        "--streams",
+        type=_ints,
+        help="capacity levels (default 250,500,750; threads: the first two)",
+    )
     p.add_argument("--flush-ms", type=_ints, help="coalescing windows (default 0,10,25,50)")
-    p.add_argument("--pools", type=_strs, help="worker pools (default threads,gevent)")
+    p.add_argument(
+        "--pools", type=_strs, help="worker pools (default: the Procfile's, then threads)"
+    )
     p.add_argument("--stream-s", type=float, help="slow stream length (default 20)")
     p.add_argument("--json", type=Path, help="results file (default bench/results/<mode>.json)")
     p.add_argument("--md", type=Path, help="markdown to update (full run: docs/benchmarks.md)")
@@ -75,9 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown section(s): {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
-    streams = args.streams or ((50,) if quick else (100, 250, 500))
+    procfile_pool = procfile_worker()
+    streams = args.streams or ((50,) if quick else (250, 500, 750))
     windows = args.flush_ms if args.flush_ms is not None else ((0,) if quick else (0, 10, 25, 50))
-    pools = args.pools or (("threads",) if quick else ("threads", "gevent"))
+    pools = args.pools or (
+        (procfile_pool[0],) if quick else tuple(dict.fromkeys((procfile_pool[0], "threads")))
+    )
     stream_s = args.stream_s or (4.0 if quick else 20.0)
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="reliever-bench-"))
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -121,7 +130,6 @@ def main(argv: list[str] | None = None) -> int:
         )
     if "queue" in only:
         data["queue"] = []
-        procfile_pool = procfile_worker()
         settings = [procfile_pool] if quick else [procfile_pool, ("threads", 100)]
         for pool, conc in dict.fromkeys(settings):
             got = step(
@@ -140,44 +148,53 @@ def main(argv: list[str] | None = None) -> int:
                 data["queue"].append(got)
     if "latency" in only:
         data["latency"] = []
-        for w in windows:
+        runs = [(procfile_pool, w) for w in windows]
+        if not quick:
+            runs.append((("threads", 100), 0))
+        for (pool, conc), w in runs:
             got = step(
-                f"latency flush={w}",
-                lambda w=w: service.latency(
+                f"latency {pool}/{conc} flush={w}",
+                lambda pool=pool, conc=conc, w=w: service.latency(
                     jobs=10 if quick else 200,
                     warmup=2 if quick else 5,
-                    concurrency=100,
+                    concurrency=conc,
                     flush_ms=w,
                     log_dir=log_dir,
                     cap_s=10 if quick else 120,
+                    pool=pool,
                 ),
             )
             if got:
                 data["latency"].append(got)
     if "throughput" in only:
         data["throughput"] = []
-        for conc in (8,) if quick else (8, 100):
+        levels = [(procfile_pool[0], 8)]
+        if not quick:
+            levels += [procfile_pool, ("threads", 8), ("threads", 100)]
+        for pool, conc in levels:
             for w in (0,) if quick else (0, 25):
                 got = step(
-                    f"throughput concurrency={conc} flush={w}",
-                    lambda conc=conc, w=w: service.throughput(
+                    f"throughput {pool}/{conc} flush={w}",
+                    lambda pool=pool, conc=conc, w=w: service.throughput(
                         jobs=50 if quick else 500,
                         concurrency=conc,
                         flush_ms=w,
                         log_dir=log_dir,
                         cap_s=30 if quick else 120,
+                        pool=pool,
                     ),
                 )
                 if got:
                     data["throughput"].append(got)
     if "events" in only:
         data["events"] = []
-        for w in (0, 25):
+        for w in (0,) if quick else (0, 25):
             got = step(
                 f"delta events per second flush={w}",
                 lambda w=w: service.event_rate(
                     jobs=6 if quick else 32,
                     concurrency=8,
+                    pool=procfile_pool[0],
                     flush_ms=w,
                     log_dir=log_dir,
                     cap_s=30 if quick else 120,
@@ -198,11 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     if "capacity" in only:
         data["capacity"] = []
         for pool in pools:
-            pool_windows = (
-                windows if pool == "threads" else tuple(w for w in windows if w in (0, 25))
-            )
-            for w in pool_windows or windows[:1]:
-                for n in streams:
+            for w in tuple(w for w in windows if w in (0, 25)) or windows[:1]:
+                # The threads pool is past its limit at 750 (see docs/benchmarks.md).
+                for n in streams if pool != "threads" or args.streams else streams[:2]:
                     got = step(
                         f"capacity pool={pool} flush={w} streams={n}",
                         lambda pool=pool, w=w, n=n: capacity.run_one(
@@ -225,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"fast tokens flush={w}",
                 lambda w=w: capacity.run_one(
                     streams=50 if quick else 100,
-                    pool="threads",
+                    pool=procfile_pool[0],
                     flush_ms=w,
                     stream_s=5.0 if quick else 10.0,
                     interval_ms=20,
@@ -244,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             got = step(
                 f"profile pool={pool}",
                 lambda pool=pool: profile.run(
-                    streams=250,
+                    streams=500,
                     pool=pool,
                     flush_ms=0,
                     stream_s=20.0,
