@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Iterator
@@ -111,6 +112,21 @@ def test_service_submit_streams_events_and_stores_result(stack: Stack, mock: Moc
     assert result["text"] == "".join(e["text"] for e in events if e["type"] == "delta")
     assert job.text(timeout=5) == result["text"]
     assert mock.count("primary") == 1
+
+
+def test_service_full_worker_takes_the_next_queued_job_as_a_slot_frees(stack: Stack) -> None:
+    """With every slot busy, a queued job starts as soon as one frees up, not after the
+    broker wait of Celery's blocking loop (up to 2 s on the gevent pool)."""
+    with stack.worker("a", concurrency=1):
+        jobs = [
+            stack.client.submit("support", [{"role": "user", "content": f"Job {i}"}])
+            for i in range(3)
+        ]
+        runs = [list(job.events(timeout=20)) for job in jobs]
+
+    assert [run[-1]["type"] for run in runs] == ["completed"] * 3
+    gaps = [later[0]["ts"] - earlier[-1]["ts"] for earlier, later in itertools.pairwise(runs)]
+    assert all(0 <= gap < 1.0 for gap in gaps), gaps
 
 
 def test_service_reader_after_the_end_gets_every_event(stack: Stack) -> None:
