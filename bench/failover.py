@@ -21,10 +21,10 @@ cooldown the first one armed), LiteLLM's first job (its cooldown and failure cou
 cleared before it), LiteLLM's next job. Per job: total time, planned waits, the *added
 latency* = total − planned waits − the floor's total of the same round (what the failover
 costs beyond its waits and beyond streaming the answer), *added net* = that minus the bare
-cost of the failed requests it made (three bare POSTs to the primary, timed each round: the
-upstream's own 503 round trips), and the upstream requests per model (``GET
-/_mock/requests`` counts before and after, outside the timed window). reliever's jobs also
-get a stage breakdown from their events' ``ts``.
+cost of the failed requests it made (three bare POSTs to the primary, timed each round after
+the same pauses as reliever's attempts: the upstream's own 503 round trips), and the
+upstream requests per model (``GET /_mock/requests`` counts before and after, outside the
+timed window). reliever's jobs also get a stage breakdown from their events' ``ts``.
 """
 
 from __future__ import annotations
@@ -54,6 +54,9 @@ from settings import Settings
 from worker.events import MemoryEventSink
 from worker.jobs import parse_job
 from worker.runtime import build_runtime
+
+PLANNED_WAITS_S = (0.0, 0.2, 0.4)
+"""reliever's pauses before its three attempts on the primary (backoff 0.2 s · 2^k, no jitter)."""
 
 
 def _counts(base_url: str) -> dict[str, int]:
@@ -113,13 +116,21 @@ def run(*, rounds: int, warmup: int, log_dir: Path, cap_s: float) -> dict[str, A
     failing_body = request_body(FAILING)
 
     def failed_requests_floor() -> float:
-        """Three bare POSTs to the failing primary (each a 503): the requests' own cost."""
-        t0 = time.perf_counter()
-        for _ in range(3):
+        """Three bare POSTs to the failing primary (each a 503): the requests' own cost.
+
+        Each is made after the same pause as reliever's attempt (its planned backoff): a
+        request after 200 ms of quiet costs the upstream about 2 ms on this machine, one
+        right after another about 0.6 ms, and reliever's attempts come after such pauses.
+        """
+        spent = 0.0
+        for pause_s in PLANNED_WAITS_S:
+            time.sleep(pause_s)
+            t0 = time.perf_counter()
             resp = bare.post(failing_url, json=failing_body)
+            spent += time.perf_counter() - t0
             if resp.status_code != 503:
                 raise RuntimeError(f"the failing primary answered {resp.status_code}")
-        return time.perf_counter() - t0
+        return spent
 
     def reliever_job() -> dict[str, Any]:
         job_id = str(uuid.uuid4())

@@ -265,7 +265,7 @@ def failover(res: dict[str, Any]) -> list[str]:
         f"{sc['reliever_sink']}. Floor (bare httpx stream of the fallback) total p50 "
         f"{_ms(res['floor_total'].get('p50'))} ms"
         + (
-            f"; three bare POSTs to the failing primary p50 "
+            f"; three bare POSTs to the failing primary (each after reliever's pause) p50 "
             f"{_ms(res['floor_three_503'].get('p50'))} ms"
             if res.get("floor_three_503")
             else ""
