@@ -12,17 +12,12 @@ import gc
 from typing import Any
 
 from celery import Celery, signals
-from celery.worker import loops
-from celery.worker.consumer import Consumer
 from pydantic import ValidationError
 
 from settings import Settings, get_settings
 from worker.observability import configure_logging, start_observability
 
 TASK_NAME = "reliever.complete"
-
-DRAIN_WAIT_S = 0.05
-"""The longest a green pool's consumer waits on the broker before it looks again."""
 
 
 class RelieverCelery(Celery):
@@ -66,41 +61,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_default_queue": settings.queue,
         "task_routes": {TASK_NAME: {"queue": settings.queue}},
         "worker_hijack_root_logger": False,
-        "worker_consumer": "worker.celery:PromptConsumer",
+        # Named, not imported: Celery's consumer modules must load after Sentry patched
+        # Celery's tracer (at celeryd_init), or tasks lose Sentry's scope.
+        "worker_consumer": "worker.consumer:PromptConsumer",
     }
-
-
-class _PromptDrain:
-    """The broker connection as Celery's blocking loop sees it: no wait longer than
-    :data:`DRAIN_WAIT_S`."""
-
-    def __init__(self, connection: Any) -> None:
-        self._connection = connection
-
-    def drain_events(self, timeout: float | None = None, **kwargs: Any) -> Any:
-        if timeout is not None:
-            timeout = min(timeout, DRAIN_WAIT_S)
-        return self._connection.drain_events(timeout=timeout, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._connection, name)
-
-
-class PromptConsumer(Consumer):
-    """Celery's consumer, taking the next job within 50 ms of a slot freeing up.
-
-    With the gevent pool Celery runs its blocking loop, which waits on the broker for up
-    to 2 s at a time. At the prefetch limit (every slot busy) it does not ask Redis for
-    more, and a job that ends does not wake it: the freed slot stayed empty for up to 2 s
-    while jobs queued. Here that wait is cut to :data:`DRAIN_WAIT_S`. The threads pool's
-    event loop wakes on its own and is left as it is.
-    """
-
-    @staticmethod
-    def loop(obj: Any, connection: Any, consumer: Any, blueprint: Any, hub: Any, *rest: Any) -> Any:
-        if hub is not None:
-            return loops.asynloop(obj, connection, consumer, blueprint, hub, *rest)
-        return loops.synloop(obj, _PromptDrain(connection), consumer, blueprint, hub, *rest)
 
 
 def create_app(settings: Settings) -> RelieverCelery:
