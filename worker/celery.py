@@ -9,7 +9,6 @@ on for Flower, result expiry, and broker retries at start-up.
 from __future__ import annotations
 
 import gc
-import sys
 from typing import Any
 
 from celery import Celery, signals
@@ -19,9 +18,6 @@ from settings import Settings, get_settings
 from worker.observability import configure_logging, start_observability
 
 TASK_NAME = "reliever.complete"
-
-GIL_SWITCH_S = 0.001
-"""The worker process's GIL switch interval (CPython's default is 5 ms)."""
 
 
 class RelieverCelery(Celery):
@@ -105,10 +101,6 @@ def _start_background(sender: Any = None, **_: Any) -> None:
     # process: moved out of the collector's sight, a full collection no longer walks it
     # (one took 80-110 ms with 500 streams running, a pause in every stream).
     gc.freeze()
-    # A thread woken to deliver an event (the writer, after a job's first delta) waits for
-    # the GIL up to the switch interval while another thread runs Python: 5 ms by default,
-    # the p99 of a first delta's stamp -> received on the threads pool (1.7 ms at 1 ms).
-    sys.setswitchinterval(GIL_SWITCH_S)
 
 
 @signals.worker_shutdown.connect
