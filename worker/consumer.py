@@ -1,4 +1,4 @@
-"""The worker's Celery consumer: Celery's own, taking queued jobs promptly on a green pool.
+"""The worker's Celery consumer: Celery's own, made prompt on a green pool.
 
 Named in the Celery configuration (``worker_consumer``), never imported by the app module:
 Celery's consumer modules bind its tracer when they load, and they must load after Sentry
@@ -7,10 +7,14 @@ patched it (at ``celeryd_init``).
 
 from __future__ import annotations
 
+import logging
+import threading
 from typing import Any
 
 from celery.worker import loops
 from celery.worker.consumer import Consumer
+
+logger = logging.getLogger(__name__)
 
 DRAIN_WAIT_S = 0.05
 """The longest a green pool's consumer waits on the broker before it looks again."""
@@ -33,17 +37,52 @@ class _PromptDrain:
 
 
 class PromptConsumer(Consumer):
-    """Celery's consumer, taking the next job within 50 ms of a slot freeing up.
+    """Celery's consumer, taking the next job within 50 ms of a slot freeing up, and
+    sending task events beside the jobs instead of before them.
 
     With the gevent pool Celery runs its blocking loop, which waits on the broker for up
     to 2 s at a time. At the prefetch limit (every slot busy) it does not ask Redis for
     more, and a job that ends does not wake it: the freed slot stayed empty for up to 2 s
-    while jobs queued. Here that wait is cut to :data:`DRAIN_WAIT_S`. The threads pool's
-    event loop wakes on its own and is left as it is.
+    while jobs queued. Here that wait is cut to :data:`DRAIN_WAIT_S`.
+
+    Without an event loop Celery also publishes each task event (``task-received``,
+    ``task-started`` …) at once, a round trip on the way to every job; with one it
+    buffers them and flushes on the loop's next turn. Here the green pool buffers them
+    too, and a flusher thread sends them as soon as the job's own thread waits.
+
+    The threads pool's event loop does both on its own and is left as it is.
     """
 
     @staticmethod
     def loop(obj: Any, connection: Any, consumer: Any, blueprint: Any, hub: Any, *rest: Any) -> Any:
         if hub is not None:
             return loops.asynloop(obj, connection, consumer, blueprint, hub, *rest)
+        obj.buffer_task_events()
         return loops.synloop(obj, _PromptDrain(connection), consumer, blueprint, hub, *rest)
+
+    def buffer_task_events(self) -> None:
+        """Buffer the task events of this connection's dispatcher; a thread flushes them."""
+        dispatcher = getattr(self, "event_dispatcher", None)
+        if dispatcher is None or not dispatcher.enabled:
+            return
+        flush = getattr(self, "_events_due", None)
+        if flush is None:
+            flush = self._events_due = threading.Event()
+            threading.Thread(
+                target=self._flush_events_when_due, name="reliever-task-events", daemon=True
+            ).start()
+        dispatcher.buffer_group = frozenset({"task"})
+        dispatcher.on_send_buffered = flush.set
+
+    def _flush_events_when_due(self) -> None:
+        due = self._events_due
+        while True:
+            due.wait()
+            due.clear()
+            dispatcher = getattr(self, "event_dispatcher", None)
+            if dispatcher is not None:
+                try:
+                    dispatcher.flush()
+                except Exception:
+                    # The flusher serves every later event too: log, and go on.
+                    logger.exception("task events could not be sent")
