@@ -4,7 +4,7 @@ The demo agent's primary is scripted (examples/demo-scenarios.yaml) to fail in t
 the chain handles: a 503 (retried after a backoff), a stream cut mid-answer (retried,
 its partial text discarded), a 429 (fallback at once, and the cooldown pins the agent to
 the fallback). The next job starts at the fallback; once the cooldown expires the
-recovered primary answers and clears it. The last job is cancelled mid-stream.
+job starts at the primary again, which has recovered. The last job is cancelled mid-stream.
 """
 
 from __future__ import annotations
@@ -127,9 +127,7 @@ def run_demo(client: Client, out: TextIO = sys.stdout, agent: str = "demo") -> l
         f"\n{BOLD}2. Inside the cooldown every worker starts this agent at the fallback.{RESET}\n"
     )
     results.append(follow(client.submit(agent, ask), "job 2", out))
-    out.write(
-        f"\n{BOLD}3. The cooldown expires; the recovered primary answers and clears it.{RESET}\n"
-    )
+    out.write(f"\n{BOLD}3. The cooldown expires; the job starts at the recovered primary.{RESET}\n")
     wait_for_cooldown_end(client, agent, out)
     results.append(follow(client.submit(agent, ask), "job 3", out))
     out.write(f"\n{BOLD}4. A job cancelled mid-stream stops at once.{RESET}\n")
