@@ -22,6 +22,8 @@ from typing import Any
 
 import redis
 
+from settings import Settings
+
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 # redis-py 8 caps a connection pool at 100 connections by default and then raises
@@ -147,6 +149,18 @@ class Namespace:
     @property
     def queue(self) -> str:
         return f"{self.name}-q"
+
+    def settings(self, agents_file: Path | None = None) -> Settings:
+        """Settings on this namespace (for the in-process runs and the clients)."""
+        extra = {} if agents_file is None else {"agents_file": str(agents_file)}
+        return Settings(
+            _env_file=None,
+            environment="test",
+            redis_url=self.redis_url,
+            key_prefix=self.prefix,
+            queue=self.queue,
+            **extra,
+        )
 
     def settings_env(
         self, agents_file: Path, *, max_connections: int | None = None, **extra: str

@@ -50,7 +50,6 @@ from bench.scenarios import (
     request_body,
     write_chain_agents,
 )
-from settings import Settings
 from worker.events import MemoryEventSink
 from worker.jobs import parse_job
 from worker.runtime import build_runtime
@@ -98,14 +97,7 @@ def run(*, rounds: int, warmup: int, log_dir: Path, cap_s: float) -> dict[str, A
     agents_file = write_chain_agents(
         log_dir / "agents-failover.yaml", base_url, FAILING, RESCUE.model
     )
-    settings = Settings(
-        _env_file=None,
-        environment="test",
-        redis_url=ns.redis_url,
-        key_prefix=ns.prefix,
-        agents_file=str(agents_file),
-    )
-    rt = build_runtime(settings)
+    rt = build_runtime(ns.settings(agents_file))
     agent = rt.agents.get(CHAIN_AGENT)
     assert agent is not None
     bare = httpx.Client(timeout=30.0, limits=httpx.Limits(keepalive_expiry=60.0))

@@ -59,7 +59,6 @@ from bench.scenarios import (
     request_body,
     write_chain_agents,
 )
-from settings import Settings
 from worker.events import CountingEventSink, Event, EventSink
 from worker.jobs import parse_job
 from worker.redis_events import RedisEventLog
@@ -262,14 +261,7 @@ def run(
     agents_file = write_chain_agents(
         log_dir / "agents-inprocess.yaml", base_url, scenario.model, OVERHEAD_FALLBACK.model
     )
-    settings = Settings(
-        _env_file=None,
-        environment="test",
-        redis_url=ns.redis_url,
-        key_prefix=ns.prefix,
-        agents_file=str(agents_file),
-    )
-    rt = build_runtime(settings)
+    rt = build_runtime(ns.settings(agents_file))
     bare = httpx.Client(
         timeout=30.0,
         limits=httpx.Limits(max_keepalive_connections=10, keepalive_expiry=60.0),

@@ -24,20 +24,34 @@ import redis
 from bench.common import Namespace, Sampler, start_mockllm, start_worker, summary
 from bench.inprocess import floor_once
 from bench.scenarios import OVERHEAD, PROMPT, SHORT, request_body, write_agents
-from settings import Settings
 from worker.client import Client
 
 
 def _client(ns: Namespace) -> Client:
-    return Client(
-        settings=Settings(
-            _env_file=None,
-            environment="test",
-            redis_url=ns.redis_url,
-            key_prefix=ns.prefix,
-            queue=ns.queue,
-        )
-    )
+    return Client(settings=ns.settings())
+
+
+def _submit_and_wait(
+    client: Client, rc: redis.Redis, model: str, ids: list[str], cap_s: float
+) -> tuple[float, float, int]:
+    """Submit ``ids`` back to back, then poll until every result is stored (or ``cap_s``).
+
+    Returns (seconds to submit, seconds from the first submit to the last result, jobs
+    still pending).
+    """
+    keys = [client.keys.result(job_id) for job_id in ids]
+    t0 = time.perf_counter()
+    for job_id in ids:
+        client.submit(model, PROMPT, job_id=job_id)
+    submitted = time.perf_counter() - t0
+    pending = list(range(len(ids)))
+    ends = time.monotonic() + cap_s
+    while pending and time.monotonic() < ends:
+        values = rc.mget([keys[i] for i in pending])
+        pending = [i for i, v in zip(pending, values, strict=True) if v is None]
+        if pending:
+            time.sleep(0.01)
+    return submitted, time.perf_counter() - t0, len(pending)
 
 
 def _follow(client: Client, ns: Namespace, agent: str) -> dict[str, Any]:
@@ -175,20 +189,9 @@ def throughput(
         keys = [client.keys.result(job_id) for job_id in ids]
         with Sampler({"worker": worker.pid, "mockllm": mock.pid}) as sampler:
             sampler.mark("t0")
-            t0 = time.perf_counter()
-            for job_id in ids:
-                client.submit(scenario.model, PROMPT, job_id=job_id)
-            submitted = time.perf_counter() - t0
-            pending = list(range(jobs))
-            ends = time.monotonic() + cap_s
-            while pending and time.monotonic() < ends:
-                values = rc.mget([keys[i] for i in pending])
-                pending = [i for i, v in zip(pending, values, strict=True) if v is None]
-                if pending:
-                    time.sleep(0.01)
-            elapsed = time.perf_counter() - t0
+            submitted, elapsed, pending = _submit_and_wait(client, rc, scenario.model, ids, cap_s)
             sampler.mark("t1")
-        done = jobs - len(pending)
+        done = jobs - pending
         statuses = rc.mget(keys)
         completed = sum(
             1 for v in statuses if v is not None and json.loads(v).get("status") == "completed"
@@ -260,17 +263,7 @@ def event_rate(
         keys = [client.keys.result(job_id) for job_id in ids]
         with Sampler({"worker": worker.pid, "mockllm": mock.pid}) as sampler:
             sampler.mark("t0")
-            t0 = time.perf_counter()
-            for job_id in ids:
-                client.submit(scenario.model, PROMPT, job_id=job_id)
-            pending = list(range(jobs))
-            ends = time.monotonic() + cap_s
-            while pending and time.monotonic() < ends:
-                values = rc.mget([keys[i] for i in pending])
-                pending = [i for i, v in zip(pending, values, strict=True) if v is None]
-                if pending:
-                    time.sleep(0.01)
-            elapsed = time.perf_counter() - t0
+            _, elapsed, pending = _submit_and_wait(client, rc, scenario.model, ids, cap_s)
             sampler.mark("t1")
         statuses = [json.loads(v) if v else {} for v in rc.mget(keys)]
         completed = sum(1 for s in statuses if s.get("status") == "completed")
