@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from celery.worker import loops
@@ -18,6 +20,14 @@ logger = logging.getLogger(__name__)
 
 DRAIN_WAIT_S = 0.05
 """The longest a green pool's consumer waits on the broker before it looks again."""
+
+EVENTS_DELAY_S = 0.02
+"""How long buffered task events wait before they are sent: longer than a job takes to
+get its request upstream (its lease, its request), whose round trips they would delay.
+
+Sent the moment the job first waited, they cost a job started on gevent about 0.8 ms
+before its first delta (measured: enqueue -> ``started`` 5.56 -> 4.79 ms p50 with the
+delay); Flower sees them at most this much later."""
 
 
 class _PromptDrain:
@@ -48,7 +58,8 @@ class PromptConsumer(Consumer):
     Without an event loop Celery also publishes each task event (``task-received``,
     ``task-started`` …) at once, a round trip on the way to every job; with one it
     buffers them and flushes on the loop's next turn. Here the green pool buffers them
-    too, and a flusher thread sends them as soon as the job's own thread waits.
+    too, and a flusher thread sends them :data:`EVENTS_DELAY_S` after the first of them
+    was buffered, all in one message; the consumer sends what is left when it shuts down.
 
     The threads pool's event loop does both on its own and is left as it is.
     """
@@ -74,15 +85,29 @@ class PromptConsumer(Consumer):
         dispatcher.buffer_group = frozenset({"task"})
         dispatcher.on_send_buffered = flush.set
 
+    pause: Callable[[float], None] = staticmethod(time.sleep)
+    """How the flusher waits :data:`EVENTS_DELAY_S` (a green sleep under gevent)."""
+
+    def shutdown(self) -> None:
+        if getattr(self, "_events_due", None) is not None:
+            # The last jobs' events (their task-succeeded) go before the dispatcher closes.
+            self._flush_events()
+        super().shutdown()
+
     def _flush_events_when_due(self) -> None:
         due = self._events_due
         while True:
             due.wait()
+            self.pause(EVENTS_DELAY_S)
             due.clear()
-            dispatcher = getattr(self, "event_dispatcher", None)
-            if dispatcher is not None:
-                try:
-                    dispatcher.flush()
-                except Exception:
-                    # The flusher serves every later event too: log, and go on.
-                    logger.exception("task events could not be sent")
+            self._flush_events()
+
+    def _flush_events(self) -> None:
+        dispatcher = getattr(self, "event_dispatcher", None)
+        if dispatcher is None:
+            return
+        try:
+            dispatcher.flush()
+        except Exception:
+            # The flusher serves every later event too: log, and go on.
+            logger.exception("task events could not be sent")
