@@ -1,0 +1,97 @@
+"""The broker transport: kombu's Redis transport sharing one client per channel."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from kombu import Connection, Queue
+
+from settings import Settings
+from worker import broker
+from worker.celery import celery_config, create_app
+
+
+@pytest.fixture
+def queue_name(redis_client: redis.Redis) -> Iterator[str]:
+    name = f"reliever-test-broker-{uuid.uuid4().hex[:8]}"
+    yield name
+    for key in redis_client.scan_iter(match=f"*{name}*"):
+        redis_client.delete(key)
+
+
+def settings_for(broker_url: str, queue: str = "q") -> Settings:
+    return Settings(_env_file=None, environment="test", redis_url=broker_url, queue=queue)
+
+
+@pytest.mark.parametrize("scheme", ["redis", "rediss"])
+def test_redis_brokers_get_the_shared_client_transport(scheme: str) -> None:
+    config = celery_config(settings_for(f"{scheme}://127.0.0.1:6379/15"))
+
+    assert config["broker_transport"] == broker.TRANSPORT
+
+
+def test_other_brokers_keep_kombus_choice(redis_url: str) -> None:
+    settings = settings_for(redis_url).model_copy(update={"broker_url": "memory://"})
+
+    assert "broker_transport" not in celery_config(settings)
+
+
+def test_a_channel_sends_its_commands_through_one_client(redis_url: str, queue_name: str) -> None:
+    """Publishing, unacked bookkeeping and acks reuse one client, on the channel's pool; a
+    new pool (kombu replaces it after a connection error) gets a new client."""
+    with Connection(redis_url, transport=broker.TRANSPORT) as conn:
+        channel: Any = conn.default_channel
+        assert isinstance(channel, broker.Channel)
+        with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
+            assert first is second
+            assert first.connection_pool is channel.pool
+        given = redis.Redis.from_url(redis_url)
+        with channel.conn_or_acquire(given) as passed:
+            assert passed is given
+        given.close()
+
+        channel._disconnect_pools()
+        with channel.conn_or_acquire() as after:
+            assert after is not first
+            assert after.connection_pool is channel.pool
+            assert after.ping()
+
+
+def test_messages_go_through_and_are_acked(redis_url: str, queue_name: str) -> None:
+    """A message published and consumed with acks: the unacked entry is written on
+    delivery and removed by the ack, through the shared client."""
+    queue = Queue(queue_name)
+    with Connection(redis_url, transport=broker.TRANSPORT) as conn:
+        producer = conn.Producer()
+        for n in range(3):
+            producer.publish({"n": n}, routing_key=queue_name, declare=[queue])
+        got: list[Any] = []
+        tags: list[str] = []
+        channel: Any = conn.default_channel
+        client = redis.Redis.from_url(redis_url)
+
+        def take(body: Any, message: Any) -> None:
+            assert client.hexists(channel.unacked_key, message.delivery_tag)
+            tags.append(message.delivery_tag)
+            got.append(body)
+            message.ack()
+
+        try:
+            with conn.Consumer(queue, callbacks=[take], prefetch_count=1):
+                for _ in range(3):
+                    conn.drain_events(timeout=5)
+
+            assert got == [{"n": 0}, {"n": 1}, {"n": 2}]
+            assert not any(client.hexists(channel.unacked_key, tag) for tag in tags)
+        finally:
+            client.close()
+
+
+def test_the_app_and_its_client_use_the_transport(redis_url: str) -> None:
+    app = create_app(settings_for(redis_url))
+    with app.connection_for_write() as conn:
+        assert isinstance(conn.default_channel, broker.Channel)
