@@ -165,7 +165,14 @@ class Client:
             if self._app is None:
                 from worker.celery import create_app
 
-                self._app = create_app(self.settings)
+                app = create_app(self.settings)
+                # Results are read from reliever's keys (Job.result), never through
+                # Celery's AsyncResult: without a result backend here, send_task does not
+                # subscribe this process to each job's result channel (a SUBSCRIBE per
+                # submit before the job is queued, an UNSUBSCRIBE when the AsyncResult
+                # is collected, and a pub/sub connection held open).
+                app.conf.update(result_backend=None)
+                self._app = app
             return self._app
 
     def submit(

@@ -1,4 +1,5 @@
-"""The broker transport: kombu's Redis transport sharing one client per channel."""
+"""The enqueue path: the broker transport (one Redis client per channel) and the client's
+Celery app."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from kombu import Connection, Queue
 from settings import Settings
 from worker import broker
 from worker.celery import celery_config, create_app
+from worker.client import Client
 
 
 @pytest.fixture
@@ -95,3 +97,26 @@ def test_the_app_and_its_client_use_the_transport(redis_url: str) -> None:
     app = create_app(settings_for(redis_url))
     with app.connection_for_write() as conn:
         assert isinstance(conn.default_channel, broker.Channel)
+
+
+def test_submitting_subscribes_to_nothing(
+    redis_url: str, redis_client: redis.Redis, queue_name: str
+) -> None:
+    """The client reads results from reliever's keys: a submit queues the job and sends no
+    SUBSCRIBE to the job's Celery result channel (nor the UNSUBSCRIBE after it)."""
+    client = Client(settings=settings_for(redis_url, queue=queue_name))
+
+    def subscribes() -> int:
+        stats: dict[str, Any] = redis_client.info("commandstats")
+        return int(stats.get("cmdstat_subscribe", {}).get("calls", 0))
+
+    try:
+        client.submit("support", [{"role": "user", "content": "warm-up"}])
+        before = subscribes()
+        for n in range(20):
+            client.submit("support", [{"role": "user", "content": f"hi {n}"}])
+
+        assert subscribes() == before
+        assert redis_client.llen(queue_name) == 21
+    finally:
+        client.close()
