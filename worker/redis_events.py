@@ -180,7 +180,9 @@ class EventWriter:
     def _write(self, items: list[_Item]) -> None:
         batches: dict[int, _Batch] = {}
         for item in items:
-            batch = batches.setdefault(id(item.sink), _Batch(item.sink))
+            batch = batches.get(id(item.sink))
+            if batch is None:
+                batch = batches[id(item.sink)] = _Batch(item.sink)
             if item.body is None:
                 continue
             body = item.body
