@@ -18,6 +18,7 @@ import contextlib
 import json
 import select
 import socket
+import sys
 import threading
 import time
 from collections import Counter
@@ -94,6 +95,13 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 1024
     mock: MockLLM
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that goes away (a cancelled or timed-out stream shuts its socket, a
+        # pooled connection is reset) is part of what the mock serves: no traceback.
+        if isinstance(sys.exc_info()[1], ConnectionResetError | BrokenPipeError):
+            return
+        super().handle_error(request, client_address)
 
 
 class MockLLM:
