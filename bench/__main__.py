@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     pools = args.pools or (
         (procfile_pool[0],) if quick else tuple(dict.fromkeys((procfile_pool[0], "threads")))
     )
-    stream_s = args.stream_s or (4.0 if quick else 20.0)
+    stream_s = args.stream_s or (3.0 if quick else 20.0)
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="reliever-bench-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     json_path = args.json or ROOT / "bench" / "results" / ("quick.json" if quick else "full.json")
@@ -121,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         data["inprocess"] = step(
             "inprocess",
             lambda: inprocess.run(
-                rounds=15 if quick else 300,
-                warmup=3 if quick else 10,
+                rounds=8 if quick else 300,
+                warmup=2 if quick else 10,
                 windows_ms=flushed,
                 log_dir=log_dir,
                 cap_s=10 if quick else 240,
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             "failover",
             lambda: failover.run(
                 rounds=1 if quick else 20,
-                warmup=1 if quick else 2,
+                warmup=0 if quick else 2,
                 log_dir=log_dir,
                 cap_s=20 if quick else 120,
             ),
