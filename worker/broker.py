@@ -8,8 +8,9 @@ them on the way to its first token. A ``redis.Redis`` is safe to share between t
 and greenlets (each command takes a connection from the pool), so a channel keeps one, on
 the channel's own pool, and builds it again when kombu replaces that pool.
 
-Chosen by ``celery_config`` (``broker_transport``) for ``redis://`` and ``rediss://``
-brokers; the URL is parsed as kombu's own Redis transport parses it.
+:func:`install` (called by ``create_app``) makes it the transport of ``redis://`` and
+``rediss://`` URLs in the process, through kombu's table of URL schemes; the URL is parsed
+as kombu's own Redis transport parses it.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import kombu.transport
 from kombu.transport import redis as kombu_redis
 
 TRANSPORT = "worker.broker:Transport"
-"""The transport's name for Celery's ``broker_transport``."""
-SCHEMES = frozenset({"redis", "rediss"})
-"""The broker URL schemes it serves (others keep kombu's choice)."""
+"""The transport's name in kombu's alias table."""
+SCHEMES = ("redis", "rediss")
+"""The broker URL schemes it serves (others, ``sentinel://`` among them, keep kombu's)."""
 
 
 class Channel(kombu_redis.Channel):
@@ -48,3 +50,18 @@ class Transport(kombu_redis.Transport):
     """kombu's Redis transport with :class:`Channel`."""
 
     Channel = Channel
+
+
+def install() -> None:
+    """Make :class:`Transport` the one kombu picks for ``redis://`` and ``rediss://`` URLs.
+
+    Through kombu's alias table, not Celery's ``broker_transport`` setting: the URL keeps
+    its scheme, so kombu's TLS default for ``rediss``, ``Connection.as_uri()`` (Flower's
+    broker page reads its scheme) and failover URLs behave as with kombu's own transport.
+    """
+    for scheme in SCHEMES:
+        if kombu.transport.TRANSPORT_ALIASES.get(scheme) != TRANSPORT:
+            kombu.transport.TRANSPORT_ALIASES[scheme] = TRANSPORT
+            # kombu caches the class it resolved for a scheme: a connection made before
+            # this call must not keep the plain transport for later ones.
+            kombu.transport._transport_cache.pop(scheme, None)  # type: ignore[attr-defined]

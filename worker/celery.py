@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 from typing import Any
-from urllib.parse import urlsplit
 
 from celery import Celery, signals
 from pydantic import ValidationError
@@ -36,13 +35,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "unacked_restore_interval": settings.unacked_restore_interval_s,
         "unacked_restore_throttle": 1,
     }
-    transport = {}
-    if settings.broker_url is not None and urlsplit(settings.broker_url).scheme in broker.SCHEMES:
-        # kombu's Redis transport without a new Redis client per command (worker.broker).
-        transport["broker_transport"] = broker.TRANSPORT
     return {
         "broker_url": settings.broker_url,
-        **transport,
         "result_backend": settings.result_backend,
         # One backend (one Redis pool) for the process: redis-py is thread-safe, and a
         # backend per thread means one per task under gevent, each with a new connection.
@@ -75,6 +69,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 
 def create_app(settings: Settings) -> RelieverCelery:
+    # kombu's Redis transport without a new Redis client per command (worker.broker).
+    broker.install()
     app = RelieverCelery("reliever", include=["tasks.complete"])
     app.settings = settings
     app.conf.update(celery_config(settings))

@@ -3,6 +3,7 @@ Celery app."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -13,7 +14,7 @@ from kombu import Connection, Queue
 
 from settings import Settings
 from worker import broker
-from worker.celery import celery_config, create_app
+from worker.celery import create_app
 from worker.client import Client
 
 
@@ -30,22 +31,32 @@ def settings_for(broker_url: str, queue: str = "q") -> Settings:
 
 
 @pytest.mark.parametrize("scheme", ["redis", "rediss"])
-def test_redis_brokers_get_the_shared_client_transport(scheme: str) -> None:
-    config = celery_config(settings_for(f"{scheme}://127.0.0.1:6379/15"))
-
-    assert config["broker_transport"] == broker.TRANSPORT
+def test_redis_urls_get_the_shared_client_transport_and_keep_their_scheme(scheme: str) -> None:
+    """The URL keeps its scheme: kombu's TLS default for rediss stays on, and Flower (which
+    reads the scheme of ``as_uri()``) still sees a Redis broker."""
+    app = create_app(settings_for(f"{scheme}://127.0.0.1:6379/15"))
+    conn = app.connection_for_write()
+    try:
+        assert isinstance(conn.transport, broker.Transport)
+        assert conn.as_uri().startswith(f"{scheme}://")
+        assert bool(conn.ssl) is (scheme == "rediss")
+    finally:
+        conn.release()
 
 
 def test_other_brokers_keep_kombus_choice(redis_url: str) -> None:
-    settings = settings_for(redis_url).model_copy(update={"broker_url": "memory://"})
-
-    assert "broker_transport" not in celery_config(settings)
+    broker.install()
+    with Connection("memory://") as conn:
+        assert not isinstance(conn.transport, broker.Transport)
+    with Connection("sentinel://127.0.0.1:26379") as conn:
+        assert not isinstance(conn.transport, broker.Transport)
 
 
 def test_a_channel_sends_its_commands_through_one_client(redis_url: str, queue_name: str) -> None:
     """Publishing, unacked bookkeeping and acks reuse one client, on the channel's pool; a
     new pool (kombu replaces it after a connection error) gets a new client."""
-    with Connection(redis_url, transport=broker.TRANSPORT) as conn:
+    broker.install()
+    with Connection(redis_url) as conn:
         channel: Any = conn.default_channel
         assert isinstance(channel, broker.Channel)
         with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
@@ -67,7 +78,8 @@ def test_messages_go_through_and_are_acked(redis_url: str, queue_name: str) -> N
     """A message published and consumed with acks: the unacked entry is written on
     delivery and removed by the ack, through the shared client."""
     queue = Queue(queue_name)
-    with Connection(redis_url, transport=broker.TRANSPORT) as conn:
+    broker.install()
+    with Connection(redis_url) as conn:
         producer = conn.Producer()
         for n in range(3):
             producer.publish({"n": n}, routing_key=queue_name, declare=[queue])
@@ -93,10 +105,16 @@ def test_messages_go_through_and_are_acked(redis_url: str, queue_name: str) -> N
             client.close()
 
 
-def test_the_app_and_its_client_use_the_transport(redis_url: str) -> None:
+def test_the_app_and_the_client_use_the_transport(redis_url: str) -> None:
     app = create_app(settings_for(redis_url))
     with app.connection_for_write() as conn:
         assert isinstance(conn.default_channel, broker.Channel)
+    client = Client(settings=settings_for(redis_url))
+    try:
+        with client._celery().connection_for_write() as conn:
+            assert isinstance(conn.default_channel, broker.Channel)
+    finally:
+        client.close()
 
 
 def test_submitting_subscribes_to_nothing(
@@ -110,13 +128,37 @@ def test_submitting_subscribes_to_nothing(
         stats: dict[str, Any] = redis_client.info("commandstats")
         return int(stats.get("cmdstat_subscribe", {}).get("calls", 0))
 
+    submits = 20
     try:
         client.submit("support", [{"role": "user", "content": "warm-up"}])
         before = subscribes()
-        for n in range(20):
+        for n in range(submits):
             client.submit("support", [{"role": "user", "content": f"hi {n}"}])
 
-        assert subscribes() == before
-        assert redis_client.llen(queue_name) == 21
+        # The counter is the server's: another process sharing this Redis may subscribe
+        # meanwhile. Celery's result backend sent one SUBSCRIBE per submit.
+        assert subscribes() - before < submits
+        assert redis_client.llen(queue_name) == submits + 1
+    finally:
+        client.close()
+
+
+def test_flower_reads_the_queue_length_through_the_apps_broker_url(
+    redis_url: str, redis_client: redis.Redis, queue_name: str
+) -> None:
+    """Flower picks its broker client from the scheme of the app's connection URI (its
+    Broker page and /api/queues/length): the transport must leave that URI a redis:// one."""
+    from flower.utils.broker import Broker
+
+    settings = settings_for(redis_url, queue=queue_name)
+    client = Client(settings=settings)
+    try:
+        client.submit("support", [{"role": "user", "content": "queued"}])
+        app = create_app(settings)
+        uri = app.connection_for_write().as_uri(include_password=True)
+
+        lengths = asyncio.run(Broker(uri).queues([queue_name]))
+
+        assert lengths == [{"name": queue_name, "messages": 1}]
     finally:
         client.close()
