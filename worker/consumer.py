@@ -46,6 +46,22 @@ class _PromptDrain:
         return getattr(self._connection, name)
 
 
+def _carry_over(old: Any, new: Any) -> bool:
+    """Move the task events ``old`` still buffers to the front of ``new``'s buffer.
+
+    After a broker reconnect Celery builds a new dispatcher and carries over the events the
+    old one failed to send, but not its group buffer: the events of the last
+    :data:`EVENTS_DELAY_S` would be lost. Returns whether any were moved.
+    """
+    with old.mutex:
+        events = list(old._group_buffer.get("task", ()))
+        old._group_buffer.pop("task", None)
+    if events:
+        with new.mutex:
+            new._group_buffer["task"][:0] = events
+    return bool(events)
+
+
 class PromptConsumer(Consumer):
     """Celery's consumer, taking the next job within 50 ms of a slot freeing up, and
     sending task events beside the jobs instead of before them.
@@ -82,8 +98,16 @@ class PromptConsumer(Consumer):
             threading.Thread(
                 target=self._flush_events_when_due, name="reliever-task-events", daemon=True
             ).start()
+        previous = getattr(self, "_buffering", None)
+        self._buffering = dispatcher
         dispatcher.buffer_group = frozenset({"task"})
         dispatcher.on_send_buffered = flush.set
+        if (
+            previous is not None
+            and previous is not dispatcher
+            and _carry_over(previous, dispatcher)
+        ):
+            flush.set()
 
     pause: Callable[[float], None] = staticmethod(time.sleep)
     """How the flusher waits :data:`EVENTS_DELAY_S` (a green sleep under gevent)."""

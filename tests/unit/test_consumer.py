@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections import defaultdict
 from types import SimpleNamespace
 from typing import Any
 
@@ -22,6 +23,8 @@ class FakeDispatcher:
         self.on_send_buffered: Any = None
         self._log = log
         self.flushed = threading.Event()
+        self.mutex = threading.Lock()
+        self._group_buffer: defaultdict[str, list[Any]] = defaultdict(list)
 
     def flush(self) -> None:
         self._log.append("flush")
@@ -110,3 +113,31 @@ def test_a_failed_flush_is_logged_and_the_flusher_goes_on(
 
     assert second.wait(10)
     assert "task events could not be sent" in caplog.text
+
+
+def test_events_still_buffered_at_a_reconnect_go_out_on_the_new_connection() -> None:
+    """Celery builds a new dispatcher after a broker reconnect and carries over only the
+    events that failed to send: the task events still waiting for the flusher move to the
+    front of the new one's buffer, and the flusher is woken for them."""
+    log: list[str] = []
+    old, new = FakeDispatcher(log), FakeDispatcher(log)
+    pause = Pause()
+    consumer = consumer_with(old, pause)
+    consumer.buffer_task_events()
+    old._group_buffer["task"] += [{"type": "task-received"}, {"type": "task-started"}]
+    new._group_buffer["task"].append({"type": "task-succeeded"})
+
+    consumer.event_dispatcher = new
+    consumer.buffer_task_events()
+
+    assert [e["type"] for e in new._group_buffer["task"]] == [
+        "task-received",
+        "task-started",
+        "task-succeeded",
+    ]
+    assert not old._group_buffer["task"]
+    assert new.buffer_group == frozenset({"task"})
+    assert pause.entered.wait(10)
+    pause.release.set()
+    assert new.flushed.wait(10)
+    assert log == ["flush"]
