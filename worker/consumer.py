@@ -54,8 +54,7 @@ def _carry_over(old: Any, new: Any) -> bool:
     :data:`EVENTS_DELAY_S` would be lost. Returns whether any were moved.
     """
     with old.mutex:
-        events = list(old._group_buffer.get("task", ()))
-        old._group_buffer.pop("task", None)
+        events: list[Any] = old._group_buffer.pop("task", [])
     if events:
         with new.mutex:
             new._group_buffer["task"][:0] = events
