@@ -6,7 +6,11 @@ goes through :class:`GuardedBackend`, whose streams consult the calling thread's
 :class:`StreamGuard` on every read:
 
 * each read waits at most until the nearest budget runs out (first token, idle gap,
-  the attempt's total, the job's deadline), then raises that budget's error;
+  the attempt's total, the job's deadline), then raises that budget's error. The socket
+  itself blocks with no timeout: one watchdog per process (:class:`Watchdog`, a thread, or
+  a greenlet under gevent) shuts down the sockets of reads that outlast their wait. A
+  socket timeout per read would cost a timer started and stopped on every read (under
+  gevent, a ``Timeout`` object too), the largest cost of a read after the read itself;
 * :meth:`StreamGuard.interrupt` (called when the job is cancelled, from any thread) shuts
   the socket down, which wakes the blocked read at once;
 * a TCP connect, which nothing can wake, is made non-blocking and polled: a cancellation
@@ -21,6 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import heapq
+import itertools
+import math
 import os
 import selectors
 import socket
@@ -33,6 +40,7 @@ from typing import Any
 import httpcore
 import httpx
 from httpcore._backends.sync import SyncStream
+from httpcore._exceptions import ReadError, ReadTimeout
 
 from worker.clock import CancelToken, Clock
 from worker.errors import Cancelled, DeadlineExceeded, ProviderTimeout, RelieverError
@@ -75,6 +83,12 @@ class StreamGuard:
         self._last_read = self._started
         self._first_delta = False
         self._sock: socket.socket | None = None
+        # Kept by the reading thread and the watchdog (monotonic real seconds): when the
+        # read in progress must end, when the watchdog looks at this guard next, and
+        # whether it ended a read.
+        self._read_due = math.inf
+        self._watched_at = math.inf
+        self._expired = False
 
     def drain(self, grace_s: float) -> None:
         """The answer is whole: allow only ``grace_s`` more to read the rest of the body."""
@@ -123,6 +137,30 @@ class StreamGuard:
             raise self._error(which)
         return left
 
+    def arm(self, timeout: float | None) -> None:
+        """Begin a read: raise a budget that ran out, else have the watchdog end the read
+        when the nearest budget (or ``timeout``, httpx's read timeout) runs out.
+
+        The wait is counted in the guard's clock, as a socket timeout would be, and waited
+        in real seconds. Most reads end later than the previous one: the watchdog already
+        looks at this guard no later than needed, and nothing is scheduled.
+        """
+        left = self.check()
+        due = time.monotonic() + (left if timeout is None else min(timeout, left))
+        self._expired = False
+        self._read_due = due
+        if due < self._watched_at:
+            watchdog().watch(self, due)
+
+    def expired(self) -> bool:
+        """Whether the watchdog ended the current read."""
+        return self._expired
+
+    def _expire(self) -> None:
+        """Called by the watchdog: the read in progress outlasted its wait."""
+        self._expired = True
+        self.interrupt()
+
     def attach(self, sock: socket.socket | None) -> None:
         """Remember the socket the current read uses, so that a cancel can shut it.
 
@@ -145,6 +183,78 @@ class StreamGuard:
             socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
+class Watchdog:
+    """Ends the guarded reads that outlast their wait, for every job of the process.
+
+    Guards ask to be looked at (:meth:`watch`) when a read must end earlier than the time
+    the watchdog already looks at them. When that time comes, a guard whose last read is
+    due later is looked at again then; one whose read is due is expired (its socket shut
+    down); one between reads past its last due is dropped until its next read asks again.
+    No lock on the reading side: a guard sets its due before it attaches its socket, so
+    the watchdog sees either the new due or no read.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, StreamGuard]] = []
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, guard: StreamGuard, at: float) -> None:
+        """Look at ``guard`` at ``at`` (monotonic seconds), or earlier."""
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._loop, name="reliever-watchdog", daemon=True
+                )
+                self._thread.start()
+            guard._watched_at = at
+            heapq.heappush(self._heap, (at, next(self._order), guard))
+            if self._heap[0][2] is guard:
+                self._cond.notify()
+
+    def _loop(self) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                while self._heap and self._heap[0][0] <= now:
+                    at, _, guard = heapq.heappop(self._heap)
+                    if guard._watched_at != at:
+                        continue  # a later call to watch() replaced this entry
+                    guard._watched_at = math.inf
+                    # The socket first: a read that ends now leaves a due in the past,
+                    # and a new read sets its due before it attaches its socket.
+                    reading = guard._sock is not None
+                    due = guard._read_due
+                    if due > now:
+                        guard._watched_at = due
+                        heapq.heappush(self._heap, (due, next(self._order), guard))
+                    elif reading:
+                        guard._expire()
+                self._cond.wait(self._heap[0][0] - now if self._heap else None)
+
+
+_watchdog: Watchdog | None = None
+_watchdog_lock = threading.Lock()
+
+
+def watchdog() -> Watchdog:
+    """The process's watchdog (a forked child makes its own: threads do not cross a fork)."""
+    global _watchdog
+    with _watchdog_lock:
+        if _watchdog is None:
+            _watchdog = Watchdog()
+        return _watchdog
+
+
+def _forget_watchdog() -> None:
+    global _watchdog
+    _watchdog = None
+
+
+os.register_at_fork(after_in_child=_forget_watchdog)
+
+
 def current_guard() -> StreamGuard | None:
     guard: StreamGuard | None = getattr(_local, "guard", None)
     return guard
@@ -162,16 +272,54 @@ def guarding(guard: StreamGuard) -> Iterator[StreamGuard]:
 
 
 class GuardedStream(httpcore.NetworkStream):
-    """A network stream whose reads obey the calling thread's :class:`StreamGuard`."""
+    """A network stream whose reads obey the calling thread's :class:`StreamGuard`.
+
+    Over httpcore's own sync stream (a socket, plain or TLS) a guarded read calls the
+    socket itself, blocking with no timeout while the watchdog keeps the time, and maps
+    its errors as that stream does. Other streams get the wait as their read timeout.
+    """
 
     def __init__(self, inner: httpcore.NetworkStream) -> None:
         self._inner = inner
         self._sock: socket.socket | None = inner.get_extra_info("socket")
+        self._own: socket.socket | None = self._sock if type(inner) is SyncStream else None
+        # The inner stream sets the socket's timeout on each of its own reads and writes.
+        self._blocking = False
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         guard = current_guard()
         if guard is None:
+            self._blocking = False
             return self._inner.read(max_bytes, timeout)
+        sock = self._own
+        if sock is None:
+            return self._read_inner(guard, max_bytes, timeout)
+        guard.arm(timeout)
+        guard.attach(sock)
+        try:
+            if not self._blocking:
+                sock.settimeout(None)
+                self._blocking = True
+            try:
+                data = sock.recv(max_bytes)
+            except OSError as exc:
+                # A read cut short by interrupt() may fail rather than read as the end of
+                # the stream (gevent's sockets do): the guard's reason comes first.
+                guard.check()
+                if guard.expired() or isinstance(exc, TimeoutError):
+                    raise ReadTimeout(exc) from exc
+                raise ReadError(exc) from exc
+            if not data:
+                # A shutdown by interrupt() reads as end-of-stream: say why instead.
+                guard.check()
+                if guard.expired():
+                    raise ReadTimeout("timed out")
+            guard.saw_bytes()
+            return data
+        finally:
+            guard.attach(None)
+
+    def _read_inner(self, guard: StreamGuard, max_bytes: int, timeout: float | None) -> bytes:
         guard.attach(self._sock)
         try:
             left = guard.check()
@@ -179,11 +327,8 @@ class GuardedStream(httpcore.NetworkStream):
             try:
                 data = self._inner.read(max_bytes, wait)
             except Exception:
-                # A read cut short by interrupt() may fail rather than read as the end of
-                # the stream (gevent's sockets do): the guard's reason comes first.
                 guard.check()
                 raise
-            # A shutdown by interrupt() reads as end-of-stream: say why instead.
             guard.check()
             guard.saw_bytes()
             return data
@@ -191,6 +336,7 @@ class GuardedStream(httpcore.NetworkStream):
             guard.attach(None)
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._blocking = False
         self._inner.write(buffer, timeout)
 
     def close(self) -> None:

@@ -1,0 +1,202 @@
+"""Guarded reads: a blocking socket, and one watchdog that ends the reads that outlast a budget.
+
+Real sockets (a connected pair) under httpcore's sync stream, as the guarded transport
+builds them; the guards run on the real clock with budgets of a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import httpcore
+import pytest
+from httpcore._backends.sync import SyncStream
+
+from worker import guard as guard_module
+from worker.clock import CancelToken, SystemClock
+from worker.errors import Cancelled, ProviderTimeout
+from worker.guard import GuardedStream, StreamGuard, guarding
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[GuardedStream, socket.socket]]:
+    """A guarded stream over one end of a socket pair, and the other end (the server)."""
+    ours, theirs = socket.socketpair()
+    yield GuardedStream(SyncStream(ours)), theirs
+    ours.close()
+    theirs.close()
+
+
+@pytest.fixture(autouse=True)
+def fresh_watchdog(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test gets a watchdog of its own, with no entries left by another test."""
+    monkeypatch.setattr(guard_module, "_watchdog", None)
+
+
+def make_guard(
+    *, first_token_s: float = 30.0, idle_s: float = 30.0, cancel: CancelToken | None = None
+) -> StreamGuard:
+    return StreamGuard(
+        clock=SystemClock(),
+        cancel=cancel or CancelToken(),
+        first_token_s=first_token_s,
+        idle_s=idle_s,
+        total_s=60.0,
+        deadline_at=None,
+    )
+
+
+def wait_until(ok: Callable[[], bool], within_s: float = 5.0) -> None:
+    ends = time.monotonic() + within_s
+    while not ok():
+        assert time.monotonic() < ends, "condition not reached"
+        time.sleep(0.001)
+
+
+def test_guard_read_blocks_without_a_socket_timeout_and_ends_at_the_idle_budget(
+    pair: tuple[GuardedStream, socket.socket],
+) -> None:
+    stream, server = pair
+    guard = make_guard(idle_s=0.2)
+    server.sendall(b"data: a\n\n")
+    with guarding(guard):
+        assert stream.read(1024) == b"data: a\n\n"
+        assert stream.get_extra_info("socket").gettimeout() is None
+        guard.first_delta()
+        started = time.monotonic()
+        with pytest.raises(ProviderTimeout, match="idle timeout"):
+            stream.read(1024)
+    # Ended by its own budget: the first read had the watchdog look only after 30 s.
+    assert 0.2 <= time.monotonic() - started < 5.0
+
+
+def test_guard_httpx_read_timeout_shorter_than_the_budgets_is_a_read_timeout(
+    pair: tuple[GuardedStream, socket.socket],
+) -> None:
+    stream, _ = pair
+    with guarding(make_guard()), pytest.raises(httpcore.ReadTimeout):
+        stream.read(1024, timeout=0.1)
+
+
+def test_guard_watchdog_leaves_a_read_alone_whose_due_moved_past_the_look(
+    pair: tuple[GuardedStream, socket.socket],
+) -> None:
+    """The first read asks to be looked at after the first-token budget; the next read,
+    under the longer idle budget, is still in progress then and must not be cut."""
+    stream, server = pair
+    guard = make_guard(first_token_s=0.1, idle_s=30.0)
+    server.sendall(b"one")
+    got: list[bytes] = []
+
+    def read() -> None:
+        with guarding(guard):
+            got.append(stream.read(1024))
+
+    with guarding(guard):
+        assert stream.read(1024) == b"one"
+    first_look = guard._watched_at
+    guard.first_delta()
+    reader = threading.Thread(target=read)
+    reader.start()
+    # The watchdog looks at the guard when the first budget would have run out, sees a
+    # read due later and looks again then.
+    wait_until(lambda: guard._watched_at > first_look)
+    server.sendall(b"two")
+    reader.join(timeout=5)
+    assert got == [b"two"]
+
+
+def test_guard_watchdog_wakes_for_a_read_due_earlier_than_its_next_look() -> None:
+    """A long wait is watched first; a short one begun later still ends on time."""
+    pairs = [socket.socketpair() for _ in range(3)]
+    try:
+        first, long_stream, short_stream = (GuardedStream(SyncStream(ours)) for ours, _ in pairs)
+        ended: dict[str, float] = {}
+
+        def read(name: str, stream: GuardedStream, budget_s: float) -> None:
+            with guarding(make_guard(first_token_s=budget_s)):
+                try:
+                    stream.read(1024)
+                except ProviderTimeout:
+                    ended[name] = time.monotonic()
+
+        # A read ended by the watchdog: from here on its thread is running, and waits for
+        # work only inside its loop.
+        with guarding(make_guard()), pytest.raises(httpcore.ReadTimeout):
+            first.read(1024, timeout=0.05)
+        started = time.monotonic()
+        slow = threading.Thread(target=read, args=("long", long_stream, 3.0))
+        slow.start()
+        # The watchdog is waiting for the long read's due when the short one begins.
+        wait_until(lambda: long_stream.get_extra_info("socket").gettimeout() is None)
+        read("short", short_stream, 0.1)
+        slow.join(timeout=10)
+        assert ended["short"] - started < 2.0
+        assert ended["long"] - started >= 3.0
+    finally:
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()
+
+
+def test_guard_cancel_wakes_a_blocked_read_at_once(
+    pair: tuple[GuardedStream, socket.socket],
+) -> None:
+    stream, _ = pair
+    cancel = CancelToken()
+    guard = make_guard(cancel=cancel)
+    cancel.on_cancel(guard.interrupt)
+    outcome: list[BaseException] = []
+
+    def read() -> None:
+        with guarding(guard):
+            try:
+                stream.read(1024)
+            except BaseException as exc:
+                outcome.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    wait_until(lambda: guard._sock is not None)
+    cancel.cancel()
+    reader.join(timeout=5)
+    assert not reader.is_alive()
+    assert isinstance(outcome[0], Cancelled)
+
+
+def _child_read(result: multiprocessing.Queue[str]) -> None:
+    ours, theirs = socket.socketpair()
+    try:
+        with guarding(make_guard(first_token_s=0.1)):
+            GuardedStream(SyncStream(ours)).read(1024)
+        result.put("read returned")
+    except ProviderTimeout as exc:
+        result.put(str(exc))
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_guard_a_forked_child_has_its_own_watchdog(
+    pair: tuple[GuardedStream, socket.socket],
+) -> None:
+    """The parent's watchdog thread does not survive a fork (Celery's prefork pool)."""
+    stream, _ = pair
+    with guarding(make_guard()), pytest.raises(httpcore.ReadTimeout):
+        stream.read(1024, timeout=0.05)
+    context = multiprocessing.get_context("fork")
+    result: multiprocessing.Queue[str] = context.Queue()
+    child = context.Process(target=_child_read, args=(result,))
+    child.start()
+    try:
+        assert "first token" in result.get(timeout=10)
+    finally:
+        child.join(timeout=5)
+        if child.is_alive():
+            child.kill()
