@@ -233,6 +233,25 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     if got:
                         data["capacity"].append(got)
+                    if pool != "gevent" or w != 0:
+                        continue
+                    # The same load on the bare stack, next to it: what this machine
+                    # allows any Python worker on httpx + httpx-sse.
+                    spread = (got or {}).get("submit_s", 0.7)
+                    floor = step(
+                        f"capacity floor streams={n}",
+                        lambda n=n, spread=spread: capacity.run_floor(
+                            streams=n,
+                            stream_s=stream_s,
+                            interval_ms=100,
+                            ramp_s=1.5 if quick else 3.0,
+                            log_dir=log_dir,
+                            spread_s=spread,
+                            quiet_wait_s=0 if quick else 20,
+                        ),
+                    )
+                    if floor:
+                        data["capacity"].append(floor)
     if "fast_tokens" in only:
         data["fast_tokens"] = []
         for w in windows:

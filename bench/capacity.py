@@ -13,6 +13,10 @@ channel. Per token the subscriber measures receive time minus the upstream's sen
 * CPU of the worker, Redis, the ticker and the subscriber in the steady window (percent
   of one core; the machine has two), and of everything else on the machine (other load);
 * jobs completed/failed, seq gaps seen on the channel, the ticker's schedule lag.
+
+:func:`run_floor` puts the same load on ``bench.floor_load`` (bare httpx + httpx-sse in
+one gevent process, nothing published) and reports the same figures, so that a run shows
+what the stack alone costs per streamed token on this machine next to the worker.
 """
 
 from __future__ import annotations
@@ -191,12 +195,117 @@ def run_one(
         ns.cleanup()
     if ticker_stats.exists():
         result["ticker"] = json.loads(ticker_stats.read_text(encoding="utf-8"))
-    p99 = result.get("e2e_steady", {}).get("p99", float("inf"))
-    result["holds"] = bool(
+    if "cpu_steady_pct" in result:
+        tokens_per_s = streams * 1000 / interval_ms
+        result["cpu_us_per_token"] = 1e4 * result["cpu_steady_pct"]["worker"] / tokens_per_s
+    result["holds"] = _holds(result, streams)
+    return result
+
+
+def _holds(result: dict[str, Any], streams: int) -> bool:
+    """Every stream completed, delta p99 (steady and over all) under 100 ms, RSS under 500 MB."""
+    return bool(
         result.get("completed") == streams
         and not result.get("failed")
-        and p99 < TARGET_P99_S
+        and result.get("e2e_steady", {}).get("p99", float("inf")) < TARGET_P99_S
         and result.get("e2e_all", {}).get("p99", float("inf")) < TARGET_P99_S
         and result.get("worker_peak_rss_mb", 0.0) < TARGET_RSS_MB
     )
+
+
+FLOOR_POOL = "floor: httpx + httpx-sse (gevent)"
+
+
+def run_floor(
+    *,
+    streams: int,
+    stream_s: float,
+    interval_ms: int,
+    ramp_s: float,
+    log_dir: Path,
+    spread_s: float,
+    quiet_wait_s: float = 0.0,
+) -> dict[str, Any]:
+    """The capacity run's load read by ``bench.floor_load`` instead of a worker.
+
+    ``spread_s``: how long the streams take to start (the worker run's ``submit_s``).
+    """
+    other_before = wait_quiet(quiet_wait_s)
+    count = int(stream_s * 1000 / interval_ms)
+    model = f"tick-{interval_ms}-{count}"
+    tag = f"floor-{streams}"
+    port = free_port()
+    ticker_stats = log_dir / f"ticker-{tag}.json"
+    out = log_dir / f"floor-{tag}.json"
+    ticker = Proc(
+        f"ticker-{tag}",
+        [sys.executable, "-m", "bench.ticker", "--port", str(port), "--stats", str(ticker_stats)],
+        log_dir,
+    )
+    reader = None
+    result: dict[str, Any] = {
+        "streams": streams,
+        "pool": FLOOR_POOL,
+        "flush_ms": None,
+        "stream_s": stream_s,
+        "interval_ms": interval_ms,
+        "other_cpu_before_pct": other_before,
+    }
+    try:
+        ticker.wait_for("listening", 15)
+        reader = Proc(
+            tag,
+            [
+                sys.executable, "-m", "bench.floor_load", "--url", f"http://127.0.0.1:{port}/v1",
+                "--model", model, "--streams", str(streams), "--spread-s", f"{spread_s:.3f}",
+                "--out", str(out),
+            ],
+            log_dir,
+        )  # fmt: skip
+        reader.wait_for("ready", 30)
+        with Sampler({"worker": reader.pid, "ticker": ticker.pid}) as sampler:
+            t0 = time.monotonic()
+            epoch0 = time.time()
+            steady_from = spread_s + ramp_s
+            steady_to = max(steady_from + 1.0, stream_s - 1.0)
+            time.sleep(max(0.0, t0 + steady_from - time.monotonic()))
+            sampler.mark("steady0")
+            busy0 = _busy_jiffies()
+            time.sleep(max(0.0, t0 + steady_to - time.monotonic()))
+            sampler.mark("steady1")
+            busy1 = _busy_jiffies()
+            reader.popen.wait(timeout=stream_s + 60)
+        data = json.loads(out.read_text(encoding="utf-8"))
+        cpu = sampler.cpu_percent("steady0", "steady1")
+        cores = os.cpu_count() or 1
+        machine_pct = 100.0 * cores * (busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1.0)
+        steady = [
+            lat
+            for sent, lat in zip(data["send"], data["e2e"], strict=True)
+            if epoch0 + steady_from <= sent <= epoch0 + steady_to
+        ]
+        tokens_per_s = streams * 1000 / interval_ms
+        result.update(
+            {
+                "submit_s": spread_s,
+                "steady_window_s": [steady_from, steady_to],
+                "completed": streams - len(data["errors"]),
+                "failed": len(data["errors"]),
+                "failures": sorted(set(data["errors"])),
+                "tokens": len(data["e2e"]),
+                "e2e_all": summary(data["e2e"]),
+                "e2e_steady": summary(steady),
+                "cpu_steady_pct": cpu,
+                "cpu_us_per_token": 1e4 * cpu["worker"] / tokens_per_s,
+                "other_cpu_pct": max(0.0, machine_pct - sum(cpu.values())),
+                "worker_peak_rss_mb": sampler.peak_rss()["worker"],
+            }
+        )
+    finally:
+        if reader is not None:
+            reader.stop()
+        ticker.stop()
+    if ticker_stats.exists():
+        result["ticker"] = json.loads(ticker_stats.read_text(encoding="utf-8"))
+    result["holds"] = _holds(result, streams)
     return result

@@ -389,14 +389,15 @@ def capacity(results: list[dict[str, Any]]) -> list[str]:
     for r in results:
         if "e2e_all" not in r:
             rows.append(
-                [r["pool"], str(r["flush_ms"]), str(r["streams"]), "run failed"] + [""] * 10
+                [r["pool"], str(r["flush_ms"]), str(r["streams"]), "run failed"] + [""] * 11
             )
             continue
         cpu = r["cpu_steady_pct"]
+        floor = "delta_events" not in r
         rows.append(
             [
                 r["pool"],
-                str(r["flush_ms"]),
+                "—" if floor else str(r["flush_ms"]),
                 f"{r['streams']} × {r['stream_s']:g}s @{r['interval_ms']}ms",
                 f"{r['completed']}/{r['streams']}"
                 + (f" ({r['failed']} failed)" if r["failed"] else ""),
@@ -404,10 +405,13 @@ def capacity(results: list[dict[str, Any]]) -> list[str]:
                 _ms(r["e2e_steady"].get("p99"), 1),
                 _ms(r["e2e_all"].get("p99"), 1),
                 _ms(r["e2e_all"].get("max"), 0),
-                f"{r['delta_events'] / max(r['tokens'], 1):.2f}",
+                "—" if floor else f"{r['delta_events'] / max(r['tokens'], 1):.2f}",
                 f"{r['worker_peak_rss_mb']:.0f}",
                 f"{cpu.get('worker', 0):.0f}",
-                " / ".join(f"{cpu.get(k, 0):.0f}" for k in ("redis", "ticker", "subscriber")),
+                f"{r['cpu_us_per_token']:.0f}" if "cpu_us_per_token" in r else "",
+                " / ".join(
+                    f"{cpu[k]:.0f}" if k in cpu else "—" for k in ("redis", "ticker", "subscriber")
+                ),
                 f"{r['other_cpu_pct']:.0f}",
                 "**yes**" if r["holds"] else "no",
             ]
@@ -425,6 +429,7 @@ def capacity(results: list[dict[str, Any]]) -> list[str]:
             "events/token",
             "worker peak RSS MB",
             "worker CPU %",
+            "worker CPU µs per token",
             "Redis / upstream / subscriber CPU %",
             "other load CPU %",
             "holds (p99 < 100 ms, RSS < 500 MB)",
@@ -505,7 +510,7 @@ def _target_rows(data: dict[str, Any]) -> list[list[str]]:
                     verdict(None if v is None else v <= limit),
                 ]
             )
-    caps = [c for c in data.get("capacity") or [] if "e2e_all" in c]
+    caps = [c for c in data.get("capacity") or [] if "e2e_all" in c and "delta_events" in c]
     if caps:
         best = max(caps, key=lambda c: (c["holds"], c["streams"]))
         held = [c for c in caps if c["holds"]]
