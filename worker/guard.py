@@ -172,6 +172,10 @@ class StreamGuard:
         if self._cancel.cancelled:
             self.interrupt()
 
+    def detach(self) -> None:
+        """The read is over: a cancel from now on has no socket to shut."""
+        self._sock = None
+
     def interrupt(self) -> None:
         """Wake the thread blocked on this attempt's socket (any thread may call this)."""
         sock = self._sock
@@ -317,7 +321,7 @@ class GuardedStream(httpcore.NetworkStream):
             guard.saw_bytes()
             return data
         finally:
-            guard.attach(None)
+            guard.detach()
 
     def _read_inner(self, guard: StreamGuard, max_bytes: int, timeout: float | None) -> bytes:
         guard.attach(self._sock)

@@ -30,6 +30,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import hiredis
 import redis
 
 from worker.clock import Clock
@@ -129,7 +130,7 @@ class EventWriter:
         self._script = client.register_script(_APPEND)
         # The writer's own connection: no pool checkout (and its readiness poll) per batch.
         self._conn = client.connection_pool.get_connection()
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
         self._queue: deque[_Item] = deque()
         self._waiters = 0
         self._busy = False
@@ -227,8 +228,11 @@ class EventWriter:
 
     def _evalsha(self, keys: list[str], args: list[Any]) -> list[Any]:
         conn = self._conn
+        # Packed by hiredis directly: redis-py's packer first copies every argument
+        # through a Python generator, about 0.4 µs each, and a batch has nine per job.
+        command = hiredis.pack_command(("EVALSHA", self._script.sha, len(keys), *keys, *args))
         try:
-            conn.send_command("EVALSHA", self._script.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+            conn.send_packed_command([command])  # type: ignore[no-untyped-call]
             replies: list[Any] = conn.read_response()
         except (redis.ConnectionError, redis.TimeoutError):
             conn.disconnect()  # type: ignore[no-untyped-call]  # the next call reconnects
