@@ -10,7 +10,6 @@ inside the stream as ``data: {"error": {...}}``.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 from worker.agents import ModelRef
@@ -125,18 +124,19 @@ def _tool_call_piece(piece: Any) -> ToolCallPiece:
     )
 
 
-def parse_chunk(data: str, *, now_s: float, secrets: tuple[str, ...]) -> Iterator[Delta]:
+def parse_chunk(data: str, *, now_s: float, secrets: tuple[str, ...]) -> list[Delta]:
     """The deltas of one ``data:`` payload.
 
-    The payload is checked before anything is yielded, so a malformed chunk yields nothing.
+    The payload is checked whole before its deltas are returned, so a malformed chunk
+    gives none. Called for every chunk of every stream: a list (no generator), and no
+    work for the fields a chunk does not have.
 
     Raises:
         FatalError: the payload is not a chunk (malformed JSON or shape).
         ProviderError: the payload is an in-stream error object.
     """
     if data == "[DONE]":
-        yield Delta(done=True)
-        return
+        return [Delta(done=True)]
     try:
         chunk = json.loads(data)
     except (ValueError, RecursionError):
@@ -155,10 +155,11 @@ def parse_chunk(data: str, *, now_s: float, secrets: tuple[str, ...]) -> Iterato
         content = _optional_str(delta.get("content"), "a delta's content")
         if content:
             deltas.append(Delta(text=content))
-        pieces = delta.get("tool_calls") or []
-        if not isinstance(pieces, list):
-            raise _shape_error("tool_calls is not a list")
-        deltas += [Delta(tool_call=_tool_call_piece(piece)) for piece in pieces]
+        pieces = delta.get("tool_calls")
+        if pieces:
+            if not isinstance(pieces, list):
+                raise _shape_error("tool_calls is not a list")
+            deltas += [Delta(tool_call=_tool_call_piece(piece)) for piece in pieces]
         reason = choice.get("finish_reason")
         if isinstance(reason, str):
             deltas.append(Delta(finish_reason=_FINISH.get(reason, reason)))
@@ -172,7 +173,7 @@ def parse_chunk(data: str, *, now_s: float, secrets: tuple[str, ...]) -> Iterato
                 )
             )
         )
-    yield from deltas
+    return deltas
 
 
 class OpenAIProvider(SSEProvider):
