@@ -23,6 +23,7 @@ and delivers. ``completed`` and ``failed`` are terminal: exactly one ends every 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Protocol, TextIO
 
 from worker.clock import Clock
@@ -52,10 +53,32 @@ def result_of(terminal: Event) -> Event:
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_string = json.encoder.encode_basestring
+"""The C string encoder that ``_ENCODER`` uses for every string (``ensure_ascii=False``)."""
 
 
 def encode(event: Event) -> str:
-    """The event as compact JSON (one encoder for the process: no set-up per event)."""
+    """The event as compact JSON (one encoder for the process: no set-up per event).
+
+    A text delta, most of every stream, is formatted directly (a third of the encoder's
+    time), with the encoder's own string escaping and number formats and the field order
+    :func:`stamp` gives it: the same text the encoder writes.
+    """
+    if event["type"] == "delta" and len(event) == 6:
+        job_id, seq, ts = event["job_id"], event["seq"], event["ts"]
+        n, text = event.get("n"), event.get("text")
+        if (
+            type(job_id) is str
+            and type(seq) is int
+            and type(ts) is float
+            and math.isfinite(ts)
+            and type(n) is int
+            and type(text) is str
+        ):
+            return (
+                f'{{"job_id":{_string(job_id)},"seq":{seq},"type":"delta",'
+                f'"ts":{ts!r},"n":{n},"text":{_string(text)}}}'
+            )
     return _ENCODER.encode(event)
 
 
