@@ -83,7 +83,7 @@ end
 return replies
 """
 
-BUSY_LINGER_S = 0.002
+BUSY_LINGER_S = 0.005
 """With no window set, how long a busy writer lets events gather before its next write.
 
 Busy means the last write carried more than one job's events: many jobs are streaming,
