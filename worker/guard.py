@@ -27,6 +27,7 @@ import contextlib
 import errno
 import heapq
 import itertools
+import logging
 import math
 import os
 import selectors
@@ -40,11 +41,11 @@ from typing import Any
 import httpcore
 import httpx
 from httpcore._backends.sync import SyncStream
-from httpcore._exceptions import ReadError, ReadTimeout
 
 from worker.clock import CancelToken, Clock
 from worker.errors import Cancelled, DeadlineExceeded, ProviderTimeout, RelieverError
 
+log = logging.getLogger(__name__)
 _local = threading.local()
 
 CONNECT_POLL_S = 0.05
@@ -84,11 +85,11 @@ class StreamGuard:
         self._first_delta = False
         self._sock: socket.socket | None = None
         # Kept by the reading thread and the watchdog (monotonic real seconds): when the
-        # read in progress must end, when the watchdog looks at this guard next, and
-        # whether it ended a read.
+        # read in progress must end, when the watchdog looks at this guard next, and the
+        # due of the read it ended.
         self._read_due = math.inf
         self._watched_at = math.inf
-        self._expired = False
+        self._expired_due = math.nan
 
     def drain(self, grace_s: float) -> None:
         """The answer is whole: allow only ``grace_s`` more to read the rest of the body."""
@@ -137,29 +138,44 @@ class StreamGuard:
             raise self._error(which)
         return left
 
-    def arm(self, timeout: float | None) -> None:
-        """Begin a read: raise a budget that ran out, else have the watchdog end the read
-        when the nearest budget (or ``timeout``, httpx's read timeout) runs out.
+    def arm(self, sock: socket.socket, timeout: float | None) -> None:
+        """Begin a read on ``sock``, to be ended by the watchdog when it outlasts its wait.
 
-        The wait is counted in the guard's clock, as a socket timeout would be, and waited
-        in real seconds. Most reads end later than the previous one: the watchdog already
-        looks at this guard no later than needed, and nothing is scheduled.
+        Raises the error of a budget that ran out. The wait runs to the nearest budget
+        (or ``timeout``, httpx's read timeout), counted in the guard's clock as a socket
+        timeout would be, and waited in real seconds. Most reads end later than the
+        previous one: the watchdog already looks at this guard no later than needed, and
+        nothing is scheduled.
         """
         left = self.check()
         due = time.monotonic() + (left if timeout is None else min(timeout, left))
-        self._expired = False
         self._read_due = due
+        self.attach(sock)
+        # Only now: the watchdog clears _watched_at before it looks at the socket, so it
+        # sees this read, or this check sees the clearing and asks it again.
         if due < self._watched_at:
             watchdog().watch(self, due)
 
     def expired(self) -> bool:
         """Whether the watchdog ended the current read."""
-        return self._expired
+        return self._expired_due == self._read_due
 
-    def _expire(self) -> None:
-        """Called by the watchdog: the read in progress outlasted its wait."""
-        self._expired = True
-        self.interrupt()
+    def look(self, now: float) -> float | None:
+        """The watchdog's look at this guard: when to look again, or None.
+
+        A read due later is looked at again then; a read past its due is ended; a guard
+        between reads past its last due is left until its next read asks again.
+        """
+        # The socket before the due: a read that ends now leaves a past due, and a new
+        # read sets its due before it attaches its socket.
+        reading = self._sock is not None
+        due = self._read_due
+        if due > now:
+            return due
+        if reading:
+            self._expired_due = due
+            self.interrupt()
+        return None
 
     def attach(self, sock: socket.socket | None) -> None:
         """Remember the socket the current read uses, so that a cancel can shut it.
@@ -191,11 +207,9 @@ class Watchdog:
     """Ends the guarded reads that outlast their wait, for every job of the process.
 
     Guards ask to be looked at (:meth:`watch`) when a read must end earlier than the time
-    the watchdog already looks at them. When that time comes, a guard whose last read is
-    due later is looked at again then; one whose read is due is expired (its socket shut
-    down); one between reads past its last due is dropped until its next read asks again.
-    No lock on the reading side: a guard sets its due before it attaches its socket, so
-    the watchdog sees either the new due or no read.
+    the watchdog already looks at them; :meth:`StreamGuard.look` says what a look finds.
+    No lock on the reading side (see :meth:`StreamGuard.arm`). Its thread is started by
+    the first read that needs it, and again by the next one if it ever died.
     """
 
     def __init__(self) -> None:
@@ -207,11 +221,10 @@ class Watchdog:
     def watch(self, guard: StreamGuard, at: float) -> None:
         """Look at ``guard`` at ``at`` (monotonic seconds), or earlier."""
         with self._cond:
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._loop, name="reliever-watchdog", daemon=True
-                )
-                self._thread.start()
+            if self._thread is None or not self._thread.is_alive():
+                thread = threading.Thread(target=self._loop, name="reliever-watchdog", daemon=True)
+                thread.start()
+                self._thread = thread
             guard._watched_at = at
             heapq.heappush(self._heap, (at, next(self._order), guard))
             if self._heap[0][2] is guard:
@@ -226,15 +239,15 @@ class Watchdog:
                     if guard._watched_at != at:
                         continue  # a later call to watch() replaced this entry
                     guard._watched_at = math.inf
-                    # The socket first: a read that ends now leaves a due in the past,
-                    # and a new read sets its due before it attaches its socket.
-                    reading = guard._sock is not None
-                    due = guard._read_due
-                    if due > now:
-                        guard._watched_at = due
-                        heapq.heappush(self._heap, (due, next(self._order), guard))
-                    elif reading:
-                        guard._expire()
+                    try:
+                        again = guard.look(now)
+                    except Exception:
+                        # One guard's failure must not leave every other read unwatched.
+                        log.exception("the stream watchdog could not end a read")
+                        continue
+                    if again is not None:
+                        guard._watched_at = again
+                        heapq.heappush(self._heap, (again, next(self._order), guard))
                 self._cond.wait(self._heap[0][0] - now if self._heap else None)
 
 
@@ -247,16 +260,21 @@ def watchdog() -> Watchdog:
     global _watchdog
     with _watchdog_lock:
         if _watchdog is None:
+            if not _fork_hook:
+                os.register_at_fork(after_in_child=_forget_watchdog)
+                _fork_hook.append(_forget_watchdog)
             _watchdog = Watchdog()
         return _watchdog
 
 
+_fork_hook: list[object] = []
+
+
 def _forget_watchdog() -> None:
-    global _watchdog
+    """In a forked child: no watchdog yet, and a lock no thread of the parent holds."""
+    global _watchdog, _watchdog_lock
     _watchdog = None
-
-
-os.register_at_fork(after_in_child=_forget_watchdog)
+    _watchdog_lock = threading.Lock()
 
 
 def current_guard() -> StreamGuard | None:
@@ -298,26 +316,26 @@ class GuardedStream(httpcore.NetworkStream):
         sock = self._own
         if sock is None:
             return self._read_inner(guard, max_bytes, timeout)
-        guard.arm(timeout)
-        guard.attach(sock)
+        guard.arm(sock, timeout)
         try:
-            if not self._blocking:
-                sock.settimeout(None)
-                self._blocking = True
             try:
+                if not self._blocking:
+                    sock.settimeout(None)
+                    self._blocking = True
                 data = sock.recv(max_bytes)
             except OSError as exc:
                 # A read cut short by interrupt() may fail rather than read as the end of
-                # the stream (gevent's sockets do): the guard's reason comes first.
+                # the stream (gevent's sockets do): the guard's reason comes first. The
+                # rest is mapped as httpcore's own sync stream maps it.
                 guard.check()
                 if guard.expired() or isinstance(exc, TimeoutError):
-                    raise ReadTimeout(exc) from exc
-                raise ReadError(exc) from exc
+                    raise httpcore.ReadTimeout(exc) from exc
+                raise httpcore.ReadError(exc) from exc
             if not data:
                 # A shutdown by interrupt() reads as end-of-stream: say why instead.
                 guard.check()
                 if guard.expired():
-                    raise ReadTimeout("timed out")
+                    raise httpcore.ReadTimeout("timed out")
             guard.saw_bytes()
             return data
         finally:

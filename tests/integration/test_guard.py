@@ -6,8 +6,10 @@ builds them; the guards run on the real clock with budgets of a fraction of a se
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +30,8 @@ pytestmark = pytest.mark.integration
 def pair() -> Iterator[tuple[GuardedStream, socket.socket]]:
     """A guarded stream over one end of a socket pair, and the other end (the server)."""
     ours, theirs = socket.socketpair()
+    # As httpcore leaves a socket after its own reads: with a timeout.
+    ours.settimeout(5.0)
     yield GuardedStream(SyncStream(ours)), theirs
     ours.close()
     theirs.close()
@@ -53,6 +57,7 @@ def make_guard(
 
 
 def wait_until(ok: Callable[[], bool], within_s: float = 5.0) -> None:
+    """Poll ``ok`` (the watchdog offers no event to wait on) until it holds."""
     ends = time.monotonic() + within_s
     while not ok():
         assert time.monotonic() < ends, "condition not reached"
@@ -62,6 +67,7 @@ def wait_until(ok: Callable[[], bool], within_s: float = 5.0) -> None:
 def test_guard_read_blocks_without_a_socket_timeout_and_ends_at_the_idle_budget(
     pair: tuple[GuardedStream, socket.socket],
 ) -> None:
+    """The socket's timeout is cleared; the watchdog ends the read at the idle budget."""
     stream, server = pair
     guard = make_guard(idle_s=0.2)
     server.sendall(b"data: a\n\n")
@@ -79,9 +85,32 @@ def test_guard_read_blocks_without_a_socket_timeout_and_ends_at_the_idle_budget(
 def test_guard_httpx_read_timeout_shorter_than_the_budgets_is_a_read_timeout(
     pair: tuple[GuardedStream, socket.socket],
 ) -> None:
+    """httpx's own read timeout still applies when it is the nearest limit."""
     stream, _ = pair
     with guarding(make_guard()), pytest.raises(httpcore.ReadTimeout):
         stream.read(1024, timeout=0.1)
+
+
+def test_guard_end_of_stream_reads_as_empty(pair: tuple[GuardedStream, socket.socket]) -> None:
+    """A server that closes its end is an end of stream, not a timeout or an error."""
+    stream, server = pair
+    server.close()
+    with guarding(make_guard()):
+        assert stream.read(1024) == b""
+
+
+def test_guard_connection_reset_is_a_read_error() -> None:
+    """A reset connection reads as httpcore's ReadError, as its own sync stream maps it."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        ours = socket.create_connection(listener.getsockname())
+        theirs, _ = listener.accept()
+    try:
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        theirs.close()
+        with guarding(make_guard()), pytest.raises(httpcore.ReadError):
+            GuardedStream(SyncStream(ours)).read(1024)
+    finally:
+        ours.close()
 
 
 def test_guard_watchdog_leaves_a_read_alone_whose_due_moved_past_the_look(
@@ -105,8 +134,8 @@ def test_guard_watchdog_leaves_a_read_alone_whose_due_moved_past_the_look(
     reader = threading.Thread(target=read)
     reader.start()
     # The watchdog looks at the guard when the first budget would have run out, sees a
-    # read due later and looks again then.
-    wait_until(lambda: guard._watched_at > first_look)
+    # read due later and looks again then (dropping the guard would leave it at inf).
+    wait_until(lambda: first_look < guard._watched_at < math.inf)
     server.sendall(b"two")
     reader.join(timeout=5)
     assert got == [b"two"]
@@ -119,8 +148,8 @@ def test_guard_watchdog_wakes_for_a_read_due_earlier_than_its_next_look() -> Non
         first, long_stream, short_stream = (GuardedStream(SyncStream(ours)) for ours, _ in pairs)
         ended: dict[str, float] = {}
 
-        def read(name: str, stream: GuardedStream, budget_s: float) -> None:
-            with guarding(make_guard(first_token_s=budget_s)):
+        def read(name: str, stream: GuardedStream, guard: StreamGuard) -> None:
+            with guarding(guard):
                 try:
                     stream.read(1024)
                 except ProviderTimeout:
@@ -131,11 +160,12 @@ def test_guard_watchdog_wakes_for_a_read_due_earlier_than_its_next_look() -> Non
         with guarding(make_guard()), pytest.raises(httpcore.ReadTimeout):
             first.read(1024, timeout=0.05)
         started = time.monotonic()
-        slow = threading.Thread(target=read, args=("long", long_stream, 3.0))
+        long_guard = make_guard(first_token_s=3.0)
+        slow = threading.Thread(target=read, args=("long", long_stream, long_guard))
         slow.start()
         # The watchdog is waiting for the long read's due when the short one begins.
-        wait_until(lambda: long_stream.get_extra_info("socket").gettimeout() is None)
-        read("short", short_stream, 0.1)
+        wait_until(lambda: long_guard._sock is not None)
+        read("short", short_stream, make_guard(first_token_s=0.1))
         slow.join(timeout=10)
         assert ended["short"] - started < 2.0
         assert ended["long"] - started >= 3.0
@@ -145,9 +175,44 @@ def test_guard_watchdog_wakes_for_a_read_due_earlier_than_its_next_look() -> Non
             theirs.close()
 
 
+def test_guard_watchdog_goes_on_after_a_guard_fails_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A look that raises is logged; the other reads are still ended on time."""
+    pairs = [socket.socketpair() for _ in range(2)]
+    try:
+        (ours_a, theirs_a), (ours_b, _) = pairs
+        broken = make_guard(first_token_s=0.05)
+
+        def fail(now: float) -> float | None:
+            raise RuntimeError("look failed")
+
+        broken.look = fail  # type: ignore[method-assign]
+        stuck: list[bytes] = []
+
+        def read_broken() -> None:
+            with guarding(broken):
+                stuck.append(GuardedStream(SyncStream(ours_a)).read(1024))
+
+        reader = threading.Thread(target=read_broken)
+        reader.start()
+        wait_until(lambda: "the stream watchdog could not end a read" in caplog.text)
+        with guarding(make_guard(first_token_s=0.1)), pytest.raises(ProviderTimeout):
+            GuardedStream(SyncStream(ours_b)).read(1024)
+        # The broken guard's read was never ended: data lets it go.
+        theirs_a.sendall(b"late")
+        reader.join(timeout=5)
+        assert stuck == [b"late"]
+    finally:
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()
+
+
 def test_guard_cancel_wakes_a_blocked_read_at_once(
     pair: tuple[GuardedStream, socket.socket],
 ) -> None:
+    """A cancel shuts the socket: the blocked read ends with Cancelled."""
     stream, _ = pair
     cancel = CancelToken()
     guard = make_guard(cancel=cancel)
