@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from worker import events as events_module
 from worker.events import Event, encode, stamp
 
 pytestmark = pytest.mark.unit
@@ -31,22 +32,37 @@ def reference(event: Event) -> str:
 @pytest.mark.parametrize("text", TEXTS)
 @pytest.mark.parametrize("ts", TIMES)
 def test_encode_text_delta_matches_the_json_encoder(text: str, ts: float) -> None:
+    """Escapes, non-ASCII, lone surrogates and float formats come out as json.dumps's."""
     event = stamp(JOB, 17, ts, {"type": "delta", "n": 3, "text": text})
     assert encode(event) == reference(event)
+
+
+def test_encode_text_delta_does_not_use_the_json_encoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shortcut is taken for a text delta as the executor and stamp() build it."""
+
+    class Refuses:
+        def encode(self, event: Event) -> str:
+            raise AssertionError("the JSON encoder was used")
+
+    monkeypatch.setattr(events_module, "_ENCODER", Refuses())
+    event = stamp(JOB, 5, 1795724088.683098, {"type": "delta", "n": 1, "text": "hi"})
+    assert json.loads(encode(event)) == event
 
 
 @pytest.mark.parametrize(
     "event",
     [
         # A tool-call delta, an integer time, a time that is not finite, a bool for n, an
-        # extra field: each goes through the encoder.
+        # extra field, another field order: each goes through the encoder.
         stamp(JOB, 2, 1.5, {"type": "delta", "n": 1, "tool_call": {"index": 0, "id": "c"}}),
         {"job_id": JOB, "seq": 2, "type": "delta", "ts": 7, "n": 1, "text": "x"},
         {"job_id": JOB, "seq": 2, "type": "delta", "ts": math.inf, "n": 1, "text": "x"},
         {"job_id": JOB, "seq": 2, "type": "delta", "ts": 1.5, "n": True, "text": "x"},
         {"job_id": JOB, "seq": 2, "type": "delta", "ts": 1.5, "n": 1, "text": "x", "more": 1},
+        {"job_id": JOB, "seq": 2, "type": "delta", "ts": 1.5, "text": "x", "n": 1},
         stamp(JOB, 9, 1.5, {"type": "completed", "text": "done", "usage": {"input_tokens": 1}}),
     ],
 )
 def test_encode_other_events_are_the_json_encoders(event: Event) -> None:
+    """Any other shape, or the same fields in another order, is the encoder's output."""
     assert encode(event) == reference(event)
