@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bench.capacity import FLOOR_POOL
+
 BEGIN = "<!-- bench:begin -->"
 END = "<!-- bench:end -->"
 
@@ -393,7 +395,7 @@ def capacity(results: list[dict[str, Any]]) -> list[str]:
             )
             continue
         cpu = r["cpu_steady_pct"]
-        floor = "delta_events" not in r
+        floor = r["pool"] == FLOOR_POOL
         rows.append(
             [
                 r["pool"],
@@ -510,7 +512,7 @@ def _target_rows(data: dict[str, Any]) -> list[list[str]]:
                     verdict(None if v is None else v <= limit),
                 ]
             )
-    caps = [c for c in data.get("capacity") or [] if "e2e_all" in c and "delta_events" in c]
+    caps = [c for c in data.get("capacity") or [] if "e2e_all" in c and c["pool"] != FLOOR_POOL]
     if caps:
         best = max(caps, key=lambda c: (c["holds"], c["streams"]))
         held = [c for c in caps if c["holds"]]
