@@ -1,6 +1,6 @@
 """Where a worker's CPU goes under load: py-spy on a capacity run, summarised by function.
 
-``python -m bench profile --streams 250 --pool threads --flush-ms 0``
+``python -m bench --only profiles`` (500 streams, flush 0, each pool of ``--pools``)
 
 py-spy (``pip install py-spy``, in the ``bench`` extra) samples the worker for a few seconds
 of the steady part of a capacity run with ``--gil`` (only the thread holding the GIL, i.e.
