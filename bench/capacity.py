@@ -89,17 +89,9 @@ def run_one(
 ) -> dict[str, Any]:
     other_before = wait_quiet(quiet_wait_s)
     ns = Namespace()
-    count = int(stream_s * 1000 / interval_ms)
-    model = f"tick-{interval_ms}-{count}"
     tag = f"{pool}-{streams}-f{flush_ms}"
-    port = free_port()
-    ticker_stats = log_dir / f"ticker-{tag}.json"
     sub_out = log_dir / f"subscriber-{tag}.json"
-    ticker = Proc(
-        f"ticker-{tag}",
-        [sys.executable, "-m", "bench.ticker", "--port", str(port), "--stats", str(ticker_stats)],
-        log_dir,
-    )
+    ticker, port, model, ticker_stats = _start_ticker(tag, stream_s, interval_ms, log_dir)
     worker = subscriber = None
     client = _client(ns)
     cap_s = stream_s + 60 + streams / 20
@@ -143,30 +135,18 @@ def run_one(
             for job_id in ids:
                 client.submit(model, PROMPT, job_id=job_id)
             submit_s = time.monotonic() - t0
-            steady_from = submit_s + ramp_s
-            steady_to = max(steady_from + 1.0, stream_s - 1.0)
-            time.sleep(max(0.0, t0 + steady_from - time.monotonic()))
-            sampler.mark("steady0")
-            busy0 = _busy_jiffies()
-            time.sleep(max(0.0, t0 + steady_to - time.monotonic()))
-            sampler.mark("steady1")
-            busy1 = _busy_jiffies()
+            window = _Window(t0, epoch0, submit_s + ramp_s, stream_s)
+            machine_pct = window.measure(sampler)
             subscriber.popen.wait(timeout=cap_s + 30)
             sampler.mark("done")
         data = json.loads(sub_out.read_text(encoding="utf-8"))
         cpu = sampler.cpu_percent("steady0", "steady1")
-        cores = os.cpu_count() or 1
-        machine_pct = 100.0 * cores * (busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1.0)
         ours = sum(cpu.values())
-        steady = [
-            lat
-            for sent, lat in zip(data["send"], data["e2e"], strict=True)
-            if epoch0 + steady_from <= sent <= epoch0 + steady_to
-        ]
+        steady = window.latencies(data)
         result.update(
             {
                 "submit_s": submit_s,
-                "steady_window_s": [steady_from, steady_to],
+                "steady_window_s": [window.start_s, window.end_s],
                 "completed": data["terminals"]["completed"],
                 "failed": data["terminals"]["failed"],
                 "failures": data["failures"],
@@ -202,6 +182,54 @@ def run_one(
     return result
 
 
+def _start_ticker(
+    tag: str, stream_s: float, interval_ms: int, log_dir: Path
+) -> tuple[Proc, int, str, Path]:
+    """A ticker for one run: its process, port, the model naming its schedule, stats file."""
+    count = int(stream_s * 1000 / interval_ms)
+    port = free_port()
+    stats = log_dir / f"ticker-{tag}.json"
+    ticker = Proc(
+        f"ticker-{tag}",
+        [sys.executable, "-m", "bench.ticker", "--port", str(port), "--stats", str(stats)],
+        log_dir,
+    )
+    return ticker, port, f"tick-{interval_ms}-{count}", stats
+
+
+class _Window:
+    """A run's steady window: from ``start_s`` after ``t0`` until a second before the
+    schedule ends (at least a second long)."""
+
+    def __init__(self, t0: float, epoch0: float, start_s: float, stream_s: float) -> None:
+        self.t0 = t0
+        self.epoch0 = epoch0
+        self.start_s = start_s
+        self.end_s = max(start_s + 1.0, stream_s - 1.0)
+
+    def measure(self, sampler: Sampler) -> float:
+        """Wait through the window, marking ``steady0``/``steady1`` in ``sampler``.
+
+        Returns:
+            The whole machine's busy CPU over the window, in % of one core.
+        """
+        time.sleep(max(0.0, self.t0 + self.start_s - time.monotonic()))
+        sampler.mark("steady0")
+        busy0 = _busy_jiffies()
+        time.sleep(max(0.0, self.t0 + self.end_s - time.monotonic()))
+        sampler.mark("steady1")
+        busy1 = _busy_jiffies()
+        cores = os.cpu_count() or 1
+        return 100.0 * cores * (busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1.0)
+
+    def latencies(self, data: dict[str, Any]) -> list[float]:
+        """The latencies of the tokens sent inside the window."""
+        lo, hi = self.epoch0 + self.start_s, self.epoch0 + self.end_s
+        return [
+            lat for sent, lat in zip(data["send"], data["e2e"], strict=True) if lo <= sent <= hi
+        ]
+
+
 def _holds(result: dict[str, Any], streams: int) -> bool:
     """Every stream completed, delta p99 (steady and over all) under 100 ms, RSS under 500 MB."""
     return bool(
@@ -231,17 +259,9 @@ def run_floor(
     ``spread_s``: how long the streams take to start (the worker run's ``submit_s``).
     """
     other_before = wait_quiet(quiet_wait_s)
-    count = int(stream_s * 1000 / interval_ms)
-    model = f"tick-{interval_ms}-{count}"
     tag = f"floor-{streams}"
-    port = free_port()
-    ticker_stats = log_dir / f"ticker-{tag}.json"
     out = log_dir / f"floor-{tag}.json"
-    ticker = Proc(
-        f"ticker-{tag}",
-        [sys.executable, "-m", "bench.ticker", "--port", str(port), "--stats", str(ticker_stats)],
-        log_dir,
-    )
+    ticker, port, model, ticker_stats = _start_ticker(tag, stream_s, interval_ms, log_dir)
     reader = None
     result: dict[str, Any] = {
         "streams": streams,
@@ -264,31 +284,17 @@ def run_floor(
         )  # fmt: skip
         reader.wait_for("ready", 30)
         with Sampler({"worker": reader.pid, "ticker": ticker.pid}) as sampler:
-            t0 = time.monotonic()
-            epoch0 = time.time()
-            steady_from = spread_s + ramp_s
-            steady_to = max(steady_from + 1.0, stream_s - 1.0)
-            time.sleep(max(0.0, t0 + steady_from - time.monotonic()))
-            sampler.mark("steady0")
-            busy0 = _busy_jiffies()
-            time.sleep(max(0.0, t0 + steady_to - time.monotonic()))
-            sampler.mark("steady1")
-            busy1 = _busy_jiffies()
+            window = _Window(time.monotonic(), time.time(), spread_s + ramp_s, stream_s)
+            machine_pct = window.measure(sampler)
             reader.popen.wait(timeout=stream_s + 60)
         data = json.loads(out.read_text(encoding="utf-8"))
         cpu = sampler.cpu_percent("steady0", "steady1")
-        cores = os.cpu_count() or 1
-        machine_pct = 100.0 * cores * (busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1.0)
-        steady = [
-            lat
-            for sent, lat in zip(data["send"], data["e2e"], strict=True)
-            if epoch0 + steady_from <= sent <= epoch0 + steady_to
-        ]
+        steady = window.latencies(data)
         tokens_per_s = streams * 1000 / interval_ms
         result.update(
             {
                 "submit_s": spread_s,
-                "steady_window_s": [steady_from, steady_to],
+                "steady_window_s": [window.start_s, window.end_s],
                 "completed": streams - len(data["errors"]),
                 "failed": len(data["errors"]),
                 "failures": sorted(set(data["errors"])),

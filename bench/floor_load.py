@@ -26,6 +26,8 @@ import gevent  # noqa: E402
 import httpx  # noqa: E402
 import httpx_sse  # noqa: E402
 
+from bench.scenarios import chunk_texts  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.floor_load")
@@ -51,16 +53,11 @@ def main(argv: list[str] | None = None) -> int:
                 client, "POST", f"{args.url}/chat/completions", json=body
             ) as source:
                 for sse in source.iter_sse():
-                    if sse.data == "[DONE]":
-                        continue
-                    chunk = json.loads(sse.data)
-                    for choice in chunk.get("choices") or []:
-                        text = (choice.get("delta") or {}).get("content")
-                        if text:
-                            now = time.time()
-                            sent = float(text)
-                            send.append(sent)
-                            latency.append(now - sent)
+                    for text in chunk_texts(sse.data):
+                        now = time.time()
+                        sent = float(text)
+                        send.append(sent)
+                        latency.append(now - sent)
         except Exception as exc:  # counted, reported with the results
             errors.append(type(exc).__name__)
 

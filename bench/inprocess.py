@@ -56,6 +56,7 @@ from bench.scenarios import (
     PROMPT,
     SHORT,
     Fixed,
+    chunk_texts,
     request_body,
     write_chain_agents,
 )
@@ -100,14 +101,10 @@ def floor_once(client: httpx.Client, url: str, body: dict[str, Any]) -> tuple[fl
     chunks = 0
     with httpx_sse.connect_sse(client, "POST", url, json=body) as source:
         for sse in source.iter_sse():
-            if sse.data == "[DONE]":
-                continue
-            chunk = json.loads(sse.data)
-            for choice in chunk.get("choices") or []:
-                if (choice.get("delta") or {}).get("content"):
-                    chunks += 1
-                    if not first:
-                        first = time.perf_counter() - t0
+            for _ in chunk_texts(sse.data):
+                chunks += 1
+                if not first:
+                    first = time.perf_counter() - t0
     return first, time.perf_counter() - t0, chunks
 
 
@@ -159,23 +156,18 @@ def floor_publish_once(
     chunks = 0
     with httpx_sse.connect_sse(client, "POST", url, json=body) as source:
         for sse in source.iter_sse():
-            if sse.data == "[DONE]":
-                continue
-            chunk = json.loads(sse.data)
-            for choice in chunk.get("choices") or []:
-                text = (choice.get("delta") or {}).get("content")
-                if text:
-                    chunks += 1
-                    event = {
-                        "job_id": job_id,
-                        "seq": chunks,
-                        "type": "delta",
-                        "ts": time.time(),
-                        "text": text,
-                    }
-                    rc.publish(channel, json.dumps(event))
-                    if not first:
-                        first = time.perf_counter() - t0
+            for text in chunk_texts(sse.data):
+                chunks += 1
+                event = {
+                    "job_id": job_id,
+                    "seq": chunks,
+                    "type": "delta",
+                    "ts": time.time(),
+                    "text": text,
+                }
+                rc.publish(channel, json.dumps(event))
+                if not first:
+                    first = time.perf_counter() - t0
     done = {"job_id": job_id, "seq": chunks + 1, "type": "completed"}
     rc.publish(channel, json.dumps(done))
     return first, time.perf_counter() - t0, chunks, job_id, epoch0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,3 +110,18 @@ def write_agents(path: Path, base_url: str, models: list[str]) -> Path:
     }
     path.write_text(yaml.safe_dump(doc), encoding="utf-8")
     return path
+
+
+def chunk_texts(data: str) -> list[str]:
+    """The content texts of one OpenAI chunk's ``data:`` (none for ``[DONE]``).
+
+    What the floor does with each chunk: ``json.loads`` and take the content.
+    """
+    if data == "[DONE]":
+        return []
+    chunk = json.loads(data)
+    return [
+        text
+        for choice in chunk.get("choices") or []
+        if (text := (choice.get("delta") or {}).get("content"))
+    ]

@@ -13,6 +13,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import httpcore
 import pytest
@@ -41,6 +42,18 @@ def pair() -> Iterator[tuple[GuardedStream, socket.socket]]:
 def fresh_watchdog(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test gets a watchdog of its own, with no entries left by another test."""
     monkeypatch.setattr(guard_module, "_watchdog", None)
+
+
+@contextmanager
+def socket_pairs(count: int) -> Iterator[list[tuple[socket.socket, socket.socket]]]:
+    """``count`` connected socket pairs, closed afterwards."""
+    pairs = [socket.socketpair() for _ in range(count)]
+    try:
+        yield pairs
+    finally:
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()
 
 
 def make_guard(
@@ -143,8 +156,7 @@ def test_guard_watchdog_leaves_a_read_alone_whose_due_moved_past_the_look(
 
 def test_guard_watchdog_wakes_for_a_read_due_earlier_than_its_next_look() -> None:
     """A long wait is watched first; a short one begun later still ends on time."""
-    pairs = [socket.socketpair() for _ in range(3)]
-    try:
+    with socket_pairs(3) as pairs:
         first, long_stream, short_stream = (GuardedStream(SyncStream(ours)) for ours, _ in pairs)
         ended: dict[str, float] = {}
 
@@ -169,18 +181,13 @@ def test_guard_watchdog_wakes_for_a_read_due_earlier_than_its_next_look() -> Non
         slow.join(timeout=10)
         assert ended["short"] - started < 2.0
         assert ended["long"] - started >= 3.0
-    finally:
-        for ours, theirs in pairs:
-            ours.close()
-            theirs.close()
 
 
 def test_guard_watchdog_goes_on_after_a_guard_fails_it(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A look that raises is logged; the other reads are still ended on time."""
-    pairs = [socket.socketpair() for _ in range(2)]
-    try:
+    with socket_pairs(2) as pairs:
         (ours_a, theirs_a), (ours_b, _) = pairs
         broken = make_guard(first_token_s=0.05)
 
@@ -203,10 +210,6 @@ def test_guard_watchdog_goes_on_after_a_guard_fails_it(
         theirs_a.sendall(b"late")
         reader.join(timeout=5)
         assert stuck == [b"late"]
-    finally:
-        for ours, theirs in pairs:
-            ours.close()
-            theirs.close()
 
 
 def test_guard_cancel_wakes_a_blocked_read_at_once(
