@@ -258,16 +258,17 @@ _watchdog_lock = threading.Lock()
 def watchdog() -> Watchdog:
     """The process's watchdog (a forked child makes its own: threads do not cross a fork)."""
     global _watchdog
+    global _fork_hook_registered
     with _watchdog_lock:
         if _watchdog is None:
-            if not _fork_hook:
+            if not _fork_hook_registered:
                 os.register_at_fork(after_in_child=_forget_watchdog)
-                _fork_hook.append(_forget_watchdog)
+                _fork_hook_registered = True
             _watchdog = Watchdog()
         return _watchdog
 
 
-_fork_hook: list[object] = []
+_fork_hook_registered = False
 
 
 def _forget_watchdog() -> None:

@@ -251,6 +251,8 @@ def _child_read(result: multiprocessing.Queue[str]) -> None:
         theirs.close()
 
 
+# Python 3.12+ warns when a process with threads forks: exactly the case under test.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_guard_a_forked_child_has_its_own_watchdog(
     pair: tuple[GuardedStream, socket.socket],
 ) -> None:
