@@ -67,7 +67,7 @@ def encode(event: Event) -> str:
     """
     if event["type"] == "delta" and tuple(event) == _DELTA_FIELDS:
         job_id, seq, ts = event["job_id"], event["seq"], event["ts"]
-        n, text = event.get("n"), event.get("text")
+        n, text = event["n"], event["text"]
         if (
             type(job_id) is str
             and type(seq) is int

@@ -356,7 +356,7 @@ class GuardedStream(httpcore.NetworkStream):
             guard.saw_bytes()
             return data
         finally:
-            guard.attach(None)
+            guard.detach()
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
         self._blocking = False
