@@ -22,6 +22,7 @@ from worker.classify import ErrorBody, classify_response, decode_body, parse_err
 from worker.clock import Clock
 from worker.errors import FatalError, ProviderError, ProviderTimeout, RetryableError
 from worker.guard import current_guard
+from worker.sse import iter_sse
 
 ERROR_BODY_MAX_BYTES = 64 * 1024
 DRAIN_GRACE_S = 1.0
@@ -155,8 +156,8 @@ def open_stream(
             timeout=timeout,
         ) as response,
     ):
-        content_type = response.headers.get("content-type", "")
-        if not (200 <= response.status_code < 300) or "text/event-stream" not in content_type:
+        media_type = response.headers.get("content-type", "").partition(";")[0]
+        if not (200 <= response.status_code < 300) or "text/event-stream" not in media_type:
             raise _error_from(response, secrets, clock.time())
         yield EventSource(response)
 
@@ -198,7 +199,7 @@ def until_end_marker(
     done = False
     with translated(secrets):
         try:
-            for sse in source.iter_sse():
+            for sse in iter_sse(source):
                 if done:
                     continue
                 for delta in feed(sse):

@@ -1,0 +1,197 @@
+"""An event stream's events, read with less work per chunk than httpx's response iterators.
+
+Reading a streamed answer the usual way (``EventSource.iter_sse()``), every chunk the
+provider sends passes through seven nested generators (httpx's text, bytes and raw
+iterators, its transport's, httpcore's pool and connection streams), h11's state machine
+(two ``next_event`` calls, an event object) and httpx-sse's line generator. With hundreds
+of streams in one process that costs more CPU than all reliever does with the chunk:
+the bare httpx + httpx-sse reader of the capacity benchmark needs about 77 % of a core
+for 500 streams of a delta every 100 ms; reading the same bodies as below, about 44 %
+(docs/benchmarks.md).
+
+:func:`iter_sse` takes the common case itself: an HTTP/1.1 response on httpcore's
+connection, ``Transfer-Encoding: chunked``, no content encoding, nothing read yet. It
+reads the connection's network stream as httpcore would (same read size and timeout, so
+the job's budgets still hold), takes the chunk framing off, decodes the text as httpx
+does (the response's encoding, errors replaced) and splits lines and events with
+httpx-sse's own decoders, so its events are exactly ``iter_sse()``'s. At the last chunk
+h11 gets the bytes from there on and parses the trailer itself, so the connection goes
+back to the pool as after any response. Everything else (HTTP/2, gzip, a body with a
+length or up to the close, internals that differ from those of the httpx, httpcore and h11
+releases pinned in ``pyproject.toml``) is read by ``iter_sse()``.
+
+Errors are httpx's, as from ``iter_sse()``: a broken stream or a malformed chunk is
+``httpx.RemoteProtocolError``, a read timeout ``httpx.ReadTimeout``; the guard's own
+errors (cancel, deadline, budgets) pass through.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import h11
+import httpx
+from h11._readers import ChunkedReader
+from httpcore._sync.connection_pool import PoolByteStream
+from httpcore._sync.http11 import HTTP11Connection, HTTP11ConnectionByteStream
+from httpx._client import BoundSyncStream
+from httpx._transports.default import ResponseStream, map_httpcore_exceptions
+from httpx_sse import EventSource, ServerSentEvent
+from httpx_sse._decoders import SSEDecoder, SSELineDecoder
+
+_CHUNK_HEADER = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;.*)?[ \t]*\r\n")
+"""h11's chunk header: the size in hex, extensions (ignored), trailing blanks, CRLF."""
+
+
+def chunked_connection(response: httpx.Response) -> HTTP11Connection | None:
+    """The HTTP/1.1 connection whose chunked body :func:`iter_sse` can read, or None.
+
+    None unless the response is chunked without a content encoding, no byte of its body
+    has been read, and its stream is the layering of the pinned httpx and httpcore.
+    """
+    headers = response.headers
+    if headers.get("transfer-encoding", "").strip().lower() != "chunked":
+        return None
+    if headers.get("content-encoding", "identity").strip().lower() != "identity":
+        return None
+    if response.is_stream_consumed or response.is_closed:
+        return None
+    bound = response.stream
+    if type(bound) is not BoundSyncStream:
+        return None
+    transport = getattr(bound, "_stream", None)
+    if type(transport) is not ResponseStream:
+        return None
+    pool = getattr(transport, "_httpcore_stream", None)
+    if type(pool) is not PoolByteStream:
+        return None
+    body = getattr(pool, "_stream", None)
+    if type(body) is not HTTP11ConnectionByteStream:
+        return None
+    connection = getattr(body, "_connection", None)
+    if type(connection) is not HTTP11Connection:
+        return None
+    state = getattr(connection, "_h11_state", None)
+    reader = getattr(state, "_reader", None)
+    if (
+        type(state) is not h11.Connection
+        or state.their_state is not h11.SEND_BODY
+        or type(reader) is not ChunkedReader
+        or reader._bytes_in_chunk
+        or reader._bytes_to_discard
+        or reader._reading_trailer
+    ):
+        return None
+    return connection
+
+
+def iter_sse(source: EventSource) -> Iterator[ServerSentEvent]:
+    """The events of ``source``'s response, as ``source.iter_sse()`` yields them.
+
+    The caller checks the content type first (``iter_sse()`` does it here).
+    """
+    response = source.response
+    connection = chunked_connection(response)
+    if connection is None:
+        yield from source.iter_sse()
+        return
+    response.is_stream_consumed = True
+    with map_httpcore_exceptions():
+        yield from _ChunkedEvents(response, connection)
+
+
+class _ChunkedEvents:
+    """One chunked body's events, read from its connection's network stream."""
+
+    def __init__(self, response: httpx.Response, connection: HTTP11Connection) -> None:
+        self._connection = connection
+        self._state: h11.Connection = connection._h11_state
+        timeouts: dict[str, Any] = response.request.extensions.get("timeout", {})
+        self._timeout: float | None = timeouts.get("read")
+        self._text = codecs.getincrementaldecoder(response.encoding or "utf-8")(errors="replace")
+        self._lines = SSELineDecoder()
+        self._events = SSEDecoder()
+
+    def _read(self) -> bytes:
+        return self._connection._network_stream.read(
+            HTTP11Connection.READ_NUM_BYTES, timeout=self._timeout
+        )
+
+    def __iter__(self) -> Iterator[ServerSentEvent]:
+        # What h11 read past the headers is the start of the body: it is read from here on.
+        buf, _ = self._state.trailing_data
+        self._state._receive_buffer._extract(len(buf))
+        pos = 0  # where the unread part of buf starts
+        left = 0  # data bytes of the current chunk still to come
+        footer = False  # the current chunk's CRLF is still to come
+        text, lines, event_of = self._text.decode, self._lines.decode, self._events.decode
+        while True:
+            if left:
+                if pos < len(buf):
+                    data = buf[pos : pos + left]
+                    pos += len(data)
+                    left -= len(data)
+                    footer = not left
+                    if chars := text(data):
+                        for line in lines(chars):
+                            if (sse := event_of(line.rstrip("\n"))) is not None:
+                                yield sse
+                    continue
+            elif footer:
+                if len(buf) - pos >= 2:
+                    if buf[pos : pos + 2] != b"\r\n":
+                        raise httpx.RemoteProtocolError(
+                            f"malformed chunk footer: {buf[pos : pos + 2]!r} (expected b'\\r\\n')"
+                        )
+                    pos += 2
+                    footer = False
+                    continue
+            else:
+                end = buf.find(b"\r\n", pos)
+                if end >= 0:
+                    match = _CHUNK_HEADER.fullmatch(buf, pos, end + 2)
+                    if match is None:
+                        raise httpx.RemoteProtocolError(
+                            f"illegal chunk header: {buf[pos : end + 2]!r}"
+                        )
+                    left = int(match[1], 16)
+                    if not left:
+                        yield from self._finish(buf[pos:])
+                        return
+                    pos = end + 2
+                    continue
+                if len(buf) - pos > HTTP11Connection.MAX_INCOMPLETE_EVENT_SIZE:
+                    raise httpx.RemoteProtocolError("Receive buffer too long")
+            data = self._read()
+            if not data:
+                raise httpx.RemoteProtocolError(
+                    "peer closed connection without sending complete message body "
+                    "(incomplete chunked read)"
+                )
+            buf = buf[pos:] + data if pos < len(buf) else data
+            pos = 0
+
+    def _sse(self, lines: list[str]) -> Iterator[ServerSentEvent]:
+        for line in lines:
+            sse = self._events.decode(line.rstrip("\n"))
+            if sse is not None:
+                yield sse
+
+    def _finish(self, rest: bytes) -> Iterator[ServerSentEvent]:
+        """The last chunk: h11 reads the trailer, then the text's and lines' remainders."""
+        state = self._state
+        state.receive_data(rest)
+        try:
+            while (event := state.next_event()) is h11.NEED_DATA:
+                state.receive_data(self._read())
+        except h11.RemoteProtocolError as exc:
+            raise httpx.RemoteProtocolError(str(exc)) from exc
+        if type(event) is not h11.EndOfMessage:
+            raise httpx.RemoteProtocolError(f"unexpected event after the last chunk: {event!r}")
+        text = self._text.decode(b"", True)
+        if text:
+            yield from self._sse(self._lines.decode(text))
+        yield from self._sse(self._lines.flush())
