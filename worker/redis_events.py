@@ -130,37 +130,48 @@ class EventWriter:
         self._script = client.register_script(_APPEND)
         # The writer's own connection: no pool checkout (and its readiness poll) per batch.
         self._conn = client.connection_pool.get_connection()
-        self._cond = threading.Condition(threading.Lock())
         self._queue: deque[_Item] = deque()
-        self._waiters = 0
+        self._wake = threading.Event()
+        self._idle = False  # the writer is about to wait for the queue to fill
+        self._urgent = False  # a waited item is queued: no lingering
         self._busy = False
         self._thread = threading.Thread(target=self._loop, name="reliever-events", daemon=True)
         self._thread.start()
 
     def submit(self, item: _Item) -> None:
-        with self._cond:
-            # With items queued the writer is busy or waiting out the window: only a
-            # waited item needs to wake it.
-            wake = not self._queue or item.done is not None
-            self._queue.append(item)
-            if item.done is not None:
-                self._waiters += 1
-            if wake:
-                self._cond.notify()
+        # No lock: appending to a deque is atomic, and the writer says it is idle before
+        # it looks at the queue one last time (_take), so either it sees this item or this
+        # check sees it idle. (A Condition would take a lock on every event; under gevent,
+        # its notify also checks ownership with a failing acquire, which yields to the hub.)
+        self._queue.append(item)
+        if item.done is not None:
+            self._urgent = True
+            self._wake.set()
+        elif self._idle:
+            self._wake.set()
 
     def _take(self) -> list[_Item]:
-        with self._cond:
-            while not self._queue:
-                self._cond.wait()
-            window_s = self._window_s or (BUSY_LINGER_S if self._busy else 0.0)
-            if window_s > 0:
-                until = self._queue[0].at + window_s
-                while not self._waiters and (left := until - time.monotonic()) > 0:
-                    self._cond.wait(left)
-            items = list(self._queue)
-            self._queue.clear()
-            self._waiters = 0
-            return items
+        queue, wake = self._queue, self._wake
+        while not queue:
+            wake.clear()
+            self._idle = True
+            if not queue:
+                wake.wait()
+            self._idle = False
+        window_s = self._window_s or (BUSY_LINGER_S if self._busy else 0.0)
+        if window_s > 0:
+            until = queue[0].at + window_s
+            while True:
+                wake.clear()
+                if self._urgent or (left := until - time.monotonic()) <= 0:
+                    break
+                wake.wait(left)
+        # Cleared before the queue is emptied: a waited item queued from here on sets it again.
+        self._urgent = False
+        items: list[_Item] = []
+        while queue:
+            items.append(queue.popleft())
+        return items
 
     def _loop(self) -> None:
         while True:

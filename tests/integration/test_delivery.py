@@ -72,6 +72,24 @@ def test_event_writer_keeps_each_jobs_events_gapless_and_exact_under_concurrency
         assert int(redis_client.get(keys.seq(f"job-{i}"))) == len(events)
 
 
+def test_event_writer_wakes_for_an_event_nobody_waits_for(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
+    """An idle writer stores each unwaited delta by itself: no later event or close() needed."""
+    s = sink(redis_client, keys, "idle-wake")
+    s.emit({"type": "delta", "n": 1, "text": "first"})  # waited for: the writer is idle after
+    for i in range(2, 12):
+        s.emit({"type": "delta", "n": 1, "text": f"t{i}"})
+        wait_for(
+            lambda i=i: True if len(log_of(redis_client, keys, "idle-wake")) == i else None,
+            timeout_s=5,
+            interval_s=0.005,
+            what=f"delta {i} stored",
+        )
+    assert [e["text"] for e in log_of(redis_client, keys, "idle-wake")][-1] == "t11"
+    s.close()
+
+
 def test_event_writer_merges_queued_deltas_of_one_attempt_only(
     redis_client: redis.Redis, keys: Keys
 ) -> None:
