@@ -15,14 +15,16 @@ reads the connection's network stream as httpcore would (same read size and time
 the job's budgets still hold), takes the chunk framing off, decodes the text as httpx
 does (the response's encoding, errors replaced) and splits lines and events with
 httpx-sse's own decoders, so its events are exactly ``iter_sse()``'s. At the last chunk
-h11 gets the bytes from there on and parses the trailer itself, so the connection goes
-back to the pool as after any response. Everything else (HTTP/2, gzip, a body with a
-length or up to the close, internals that differ from those of the httpx, httpcore and h11
-releases pinned in ``pyproject.toml``) is read by ``iter_sse()``.
+h11 gets the bytes from there on and parses the trailer itself, and the response is
+closed, so the connection goes back to the pool as after ``iter_raw()``. Everything else
+(HTTP/2, gzip, a body with a length or up to the close, a response whose stream is not
+httpcore's HTTP/1.1 connection) is read by ``iter_sse()``. It reads private attributes of
+httpx, httpcore and h11: ``pyproject.toml`` pins the releases it was written for.
 
-Errors are httpx's, as from ``iter_sse()``: a broken stream or a malformed chunk is
-``httpx.RemoteProtocolError``, a read timeout ``httpx.ReadTimeout``; the guard's own
-errors (cancel, deadline, budgets) pass through.
+Errors are httpx's, as from ``iter_sse()`` (type, message, request): a broken stream or a
+malformed chunk is ``httpx.RemoteProtocolError``, a read timeout ``httpx.ReadTimeout``;
+the guard's own errors (cancel, deadline, budgets) pass through. Unlike ``iter_raw()`` it
+does not count ``response.num_bytes_downloaded``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from h11._readers import ChunkedReader
 from httpcore._sync.connection_pool import PoolByteStream
 from httpcore._sync.http11 import HTTP11Connection, HTTP11ConnectionByteStream
 from httpx._client import BoundSyncStream
+from httpx._exceptions import request_context
 from httpx._transports.default import ResponseStream, map_httpcore_exceptions
 from httpx_sse import EventSource, ServerSentEvent
 from httpx_sse._decoders import SSEDecoder, SSELineDecoder
@@ -99,8 +102,9 @@ def iter_sse(source: EventSource) -> Iterator[ServerSentEvent]:
         yield from source.iter_sse()
         return
     response.is_stream_consumed = True
-    with map_httpcore_exceptions():
+    with request_context(request=response.request), map_httpcore_exceptions():
         yield from _ChunkedEvents(response, connection)
+    response.close()
 
 
 class _ChunkedEvents:
@@ -126,7 +130,7 @@ class _ChunkedEvents:
         self._state._receive_buffer._extract(len(buf))
         pos = 0  # where the unread part of buf starts
         left = 0  # data bytes of the current chunk still to come
-        footer = False  # the current chunk's CRLF is still to come
+        footer = b""  # what is still to come of the current chunk's CRLF
         text, lines, event_of = self._text.decode, self._lines.decode, self._events.decode
         while True:
             if left:
@@ -134,20 +138,23 @@ class _ChunkedEvents:
                     data = buf[pos : pos + left]
                     pos += len(data)
                     left -= len(data)
-                    footer = not left
+                    if not left:
+                        footer = b"\r\n"
                     if chars := text(data):
                         for line in lines(chars):
                             if (sse := event_of(line.rstrip("\n"))) is not None:
                                 yield sse
                     continue
             elif footer:
-                if len(buf) - pos >= 2:
-                    if buf[pos : pos + 2] != b"\r\n":
+                if pos < len(buf):
+                    # Matched as it comes, as h11 does: a wrong byte fails at once.
+                    got = buf[pos : pos + len(footer)]
+                    if got != footer[: len(got)]:
                         raise httpx.RemoteProtocolError(
-                            f"malformed chunk footer: {buf[pos : pos + 2]!r} (expected b'\\r\\n')"
+                            f"malformed chunk footer: {bytearray(got)!r} (expected {footer!r})"
                         )
-                    pos += 2
-                    footer = False
+                    pos += len(got)
+                    footer = footer[len(got) :]
                     continue
             else:
                 end = buf.find(b"\r\n", pos)
@@ -155,7 +162,7 @@ class _ChunkedEvents:
                     match = _CHUNK_HEADER.fullmatch(buf, pos, end + 2)
                     if match is None:
                         raise httpx.RemoteProtocolError(
-                            f"illegal chunk header: {buf[pos : end + 2]!r}"
+                            f"illegal chunk header: {bytearray(buf[pos : end + 2])!r}"
                         )
                     left = int(match[1], 16)
                     if not left:
@@ -167,6 +174,9 @@ class _ChunkedEvents:
                     raise httpx.RemoteProtocolError("Receive buffer too long")
             data = self._read()
             if not data:
+                # h11's two messages: nothing of the next part had come, or some of it.
+                if pos < len(buf):
+                    raise httpx.RemoteProtocolError("peer unexpectedly closed connection")
                 raise httpx.RemoteProtocolError(
                     "peer closed connection without sending complete message body "
                     "(incomplete chunked read)"
@@ -181,7 +191,7 @@ class _ChunkedEvents:
                 yield sse
 
     def _finish(self, rest: bytes) -> Iterator[ServerSentEvent]:
-        """The last chunk: h11 reads the trailer, then the text's and lines' remainders."""
+        """The last chunk: h11 reads the trailer, then the last line, if unfinished."""
         state = self._state
         state.receive_data(rest)
         try:
@@ -191,7 +201,6 @@ class _ChunkedEvents:
             raise httpx.RemoteProtocolError(str(exc)) from exc
         if type(event) is not h11.EndOfMessage:
             raise httpx.RemoteProtocolError(f"unexpected event after the last chunk: {event!r}")
-        text = self._text.decode(b"", True)
-        if text:
-            yield from self._sse(self._lines.decode(text))
+        # The text decoder is not flushed: what it holds is an unfinished character, which
+        # could only end a line that no blank line follows, and such a line dispatches nothing.
         yield from self._sse(self._lines.flush())

@@ -152,9 +152,12 @@ def small_reads_client(size: int) -> httpx.Client:
     return httpx.Client(transport=transport)
 
 
-def events(client: httpx.Client, server: RawServer, data: bytes, *, fast: bool) -> list[Any]:
-    """The events (or the error) of one answer, read by worker.sse or by httpx-sse."""
-    server.answers.put(Answer(data))
+def events(
+    client: httpx.Client, server: RawServer, data: bytes, *, fast: bool, close: bool = False
+) -> list[Any]:
+    """The events of one answer, read by worker.sse or by httpx-sse, then its error if any
+    (type, message, whether it names the request)."""
+    server.answers.put(Answer(data, close=close))
     got: list[Any] = []
     with client.stream("POST", server.url, json={}, timeout=5) as response:
         source = EventSource(response)
@@ -163,8 +166,10 @@ def events(client: httpx.Client, server: RawServer, data: bytes, *, fast: bool) 
         try:
             for sse in iter_sse(source) if fast else source.iter_sse():
                 got.append((sse.event, sse.data, sse.id, sse.retry))
-        except httpx.HTTPError as exc:
-            got.append(type(exc))
+        except httpx.RequestError as exc:
+            got.append((type(exc), str(exc), exc.request is response.request))
+        else:
+            assert response.is_closed, "a body read to its end closes the response"
     return got
 
 
@@ -176,6 +181,7 @@ def both(client: httpx.Client, server: RawServer, data: bytes) -> list[Any]:
 
 @pytest.mark.parametrize("size", [1, 2, 3, 5, 13, 64, 100_000])
 def test_events_match_httpx_sse_for_any_chunk_size(server: RawServer, size: int) -> None:
+    """Every field, comment, line ending and split character, in chunks of any size."""
     with httpx.Client() as client:
         got = both(client, server, CHUNKED + chunked(BODY, size))
     assert ("message", "plain", "", None) in got
@@ -198,6 +204,7 @@ def test_events_match_when_reads_split_every_header_footer_and_character(
 
 
 def test_trailer_is_read_and_the_connection_is_reused(server: RawServer) -> None:
+    """h11 reads the trailer, and the next request goes out on the same connection."""
     answer = CHUNKED + chunked(BODY, 40, trailer=b"x-checksum: 1\r\nx-more: 2\r\n")
     with httpx.Client(transport=guarded_transport()) as client:
         for _ in range(3):
@@ -205,36 +212,32 @@ def test_trailer_is_read_and_the_connection_is_reused(server: RawServer) -> None
     assert server.connections == 1
 
 
-def test_every_event_before_a_break_then_the_same_error(server: RawServer) -> None:
-    """A body cut short, a bad chunk header or footer: the events before it, then httpx's error."""
-    whole = chunked(BODY, 16)
-    cut = whole[: len(whole) // 2]
-    bad_header = chunked(b"data: one\n\n", 100)[:-5] + b"zz\r\nxx\r\n0\r\n\r\n"
-    bad_footer = b"b\r\ndata: one\n\nXX" + b"0\r\n\r\n"
+BREAKS = {
+    "cut in a chunk's data": (b"b\r\ndata: o", True),
+    "cut before a footer": (b"b\r\ndata: one\n\n", True),
+    "cut inside a footer": (b"b\r\ndata: one\n\n\r", True),
+    "cut inside a chunk header": (b"b\r\ndata: one\n\n\r\n1", True),
+    "cut halfway": (chunked(BODY, 16)[: len(chunked(BODY, 16)) // 2], True),
+    "bad chunk header": (b"b\r\ndata: one\n\n\r\nzz\r\nxx\r\n0\r\n\r\n", False),
+    "bad footer": (b"b\r\ndata: one\n\nXX0\r\n\r\n", False),
+}
+
+
+@pytest.mark.parametrize(("body", "close"), BREAKS.values(), ids=BREAKS.keys())
+def test_every_event_before_a_break_then_the_same_error(
+    server: RawServer, body: bytes, close: bool
+) -> None:
+    """A body cut short or malformed: the events before it, then httpx's error, same words."""
     with httpx.Client() as client:
-        for body, close in ((cut, True), (bad_header, False), (bad_footer, False)):
-            server.answers.put(Answer(CHUNKED + body, close=close))
-            server.answers.put(Answer(CHUNKED + body, close=close))
-            ours = _read_all(client, server, fast=True)
-            theirs = _read_all(client, server, fast=False)
-            assert ours == theirs
-            assert ours[-1] is httpx.RemoteProtocolError
-    assert ("message", "one", "", None) in ours
-
-
-def _read_all(client: httpx.Client, server: RawServer, *, fast: bool) -> list[Any]:
-    got: list[Any] = []
-    with client.stream("POST", server.url, json={}, timeout=5) as response:
-        source = EventSource(response)
-        try:
-            for sse in iter_sse(source) if fast else source.iter_sse():
-                got.append((sse.event, sse.data, sse.id, sse.retry))
-        except httpx.HTTPError as exc:
-            got.append(type(exc))
-    return got
+        ours = events(client, server, CHUNKED + body, fast=True, close=close)
+        theirs = events(client, server, CHUNKED + body, fast=False, close=close)
+    assert ours == theirs
+    assert ours[-1][0] is httpx.RemoteProtocolError
+    assert ours[-1][2], "the error names its request"
 
 
 def test_a_stalled_body_ends_in_httpx_read_timeout(server: RawServer) -> None:
+    """The read timeout of the request holds, and ends in httpx's own ReadTimeout."""
     release = threading.Event()
     server.answers.put(Answer(CHUNKED + b"b\r\ndata: one\n\n\r\n", hold=release))
     got: list[Any] = []
@@ -263,6 +266,7 @@ def test_a_stalled_body_ends_in_httpx_read_timeout(server: RawServer) -> None:
     ids=["content-length", "gzip"],
 )
 def test_other_bodies_are_read_by_httpx_sse(server: RawServer, head: bytes, body: bytes) -> None:
+    """A body with a length, or gzipped, is not taken: httpx-sse reads it, whole."""
     server.answers.put(Answer(head + body))
     with (
         httpx.Client() as client,
@@ -275,6 +279,7 @@ def test_other_bodies_are_read_by_httpx_sse(server: RawServer, head: bytes, body
 
 
 def test_a_body_already_being_read_is_left_to_httpx_sse(server: RawServer) -> None:
+    """Once httpx's iterators hold part of the body, the rest is theirs to read."""
     server.answers.put(Answer(CHUNKED + chunked(BODY, 30)))
     with (
         httpx.Client() as client,
@@ -284,6 +289,38 @@ def test_a_body_already_being_read_is_left_to_httpx_sse(server: RawServer) -> No
         first = next(source.iter_sse())
         assert chunked_connection(response) is None
     assert first.data == "plain"
+
+
+def test_a_declared_charset_and_bytes_after_the_last_chunk(server: RawServer) -> None:
+    """A Latin-1 stream decodes as httpx decodes it; stray bytes after the end change nothing."""
+    latin = HEAD + b"content-type: text/event-stream; charset=iso-8859-1\r\n"
+    latin = latin.replace(b"content-type: text/event-stream\r\n", b"", 1)
+    with httpx.Client() as client:
+        got = both(
+            client,
+            server,
+            latin + b"transfer-encoding: chunked\r\n\r\n" + chunked(b"data: caf\xe9\n\n", 4),
+        )
+        assert got == [("message", "caf\u00e9", "", None)]
+    stray = CHUNKED + chunked(b"data: one\n\n", 100) + b"HTTP/1.1 200 OK\r\n"
+    for fast in (True, False):
+        with httpx.Client() as client:
+            assert events(client, server, stray, fast=fast) == [("message", "one", "", None)]
+
+
+def test_leaving_a_stream_early_closes_its_connection(server: RawServer) -> None:
+    """A body left unread is not reused: the next request opens a new connection and works."""
+    release = threading.Event()
+    server.answers.put(Answer(CHUNKED + chunked(BODY, 20), hold=release))
+    try:
+        with httpx.Client(transport=guarded_transport()) as client:
+            with client.stream("POST", server.url, json={}, timeout=5) as response:
+                first = next(iter(iter_sse(EventSource(response))))
+            assert first.data == "plain"
+            assert len(events(client, server, CHUNKED + chunked(BODY, 20), fast=True)) == 8
+    finally:
+        release.set()
+    assert server.connections == 2
 
 
 def test_the_mock_upstreams_streams_take_the_fast_path(mock: Any) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import httpx
-from httpx_sse import EventSource, ServerSentEvent, SSEError
+from httpx_sse import EventSource, ServerSentEvent
 
 from worker.agents import ModelRef
 from worker.classify import ErrorBody, classify_response, decode_body, parse_error_body, scrub
@@ -98,13 +98,14 @@ class Provider(Protocol):
 
 @contextmanager
 def translated(secrets: tuple[str, ...] = ()) -> Iterator[None]:
-    """Turn ``httpx`` and SSE exceptions into :class:`ProviderError` subclasses.
+    """Turn ``httpx`` exceptions into :class:`ProviderError` subclasses.
 
     The mapping, most specific first: connect and read timeouts are
     :class:`ProviderTimeout`; connect errors and a stream cut short (``ReadError``,
-    ``RemoteProtocolError``) are :class:`RetryableError`; a malformed event stream is a
-    :class:`FatalError`. Messages come from the exception type, never from its text,
-    so no address, port or URL is read as a status.
+    ``RemoteProtocolError``, a malformed chunk) are :class:`RetryableError`. (A response
+    that is not an event stream never gets this far: :func:`open_stream` classifies it.)
+    Messages come from the exception type, never from its text, so no address, port or
+    URL is read as a status.
     """
     try:
         yield
@@ -118,8 +119,6 @@ def translated(secrets: tuple[str, ...] = ()) -> Iterator[None]:
         raise RetryableError(f"connect error: {scrub(str(exc), secrets)}") from None
     except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
         raise RetryableError(f"the stream broke: {scrub(str(exc), secrets)}") from None
-    except SSEError as exc:
-        raise FatalError(f"not an event stream: {scrub(str(exc), secrets)}") from None
 
 
 @contextmanager
