@@ -141,8 +141,9 @@ class EventWriter:
     def submit(self, item: _Item) -> None:
         # No lock: appending to a deque is atomic, and the writer says it is idle before
         # it looks at the queue one last time (_take), so either it sees this item or this
-        # check sees it idle. (A Condition would take a lock on every event; under gevent,
-        # its notify also checks ownership with a failing acquire, which yields to the hub.)
+        # check sees it idle (both rely on the GIL ordering these steps, as CPython's
+        # default build does). A Condition would take a lock on every event; under gevent,
+        # its notify also checks ownership with a failing acquire, which yields to the hub.
         self._queue.append(item)
         if item.done is not None:
             self._urgent = True
@@ -166,12 +167,10 @@ class EventWriter:
                 if self._urgent or (left := until - time.monotonic()) <= 0:
                     break
                 wake.wait(left)
-        # Cleared before the queue is emptied: a waited item queued from here on sets it again.
+        # Cleared before the queue is read: a waited item queued after this sets it again
+        # (if this batch takes it too, the next batch merely skips its window once).
         self._urgent = False
-        items: list[_Item] = []
-        while queue:
-            items.append(queue.popleft())
-        return items
+        return [queue.popleft() for _ in range(len(queue))]
 
     def _loop(self) -> None:
         while True:
