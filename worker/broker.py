@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import kombu.transport
+import redis
 from kombu.transport import redis as kombu_redis
 
 TRANSPORT = "worker.broker:Transport"
@@ -28,10 +29,34 @@ SCHEMES = ("redis", "rediss")
 """The broker URL schemes it serves (others, ``sentinel://`` among them, keep kombu's)."""
 
 
+POOL_TIMEOUT_S = 10.0
+"""The longest a command outside the polling loop waits for a free broker connection."""
+
+
 class Channel(kombu_redis.Channel):
-    """kombu's Redis channel; commands outside the polling loop share one client."""
+    """kombu's Redis channel; commands outside the polling loop share one client.
+
+    Its pool blocks, bounded, when every connection is in use (as the worker's own Redis
+    pool does, worker.runtime): kombu's plain pool raises ``MaxConnectionsError`` instead,
+    which under gevent, with hundreds of jobs acknowledging at once, fails acks and drops
+    the consumer's broker connection.
+    """
 
     _shared_client: Any = None
+
+    def _get_pool(self, asynchronous: bool = False) -> Any:
+        # mypy does not see kombu's _get_pool (kombu defines it, untyped), nor types
+        # redis-py's BlockingConnectionPool constructor.
+        if asynchronous:
+            return super()._get_pool(asynchronous=True)  # type: ignore[misc]
+        # kombu's own pool parameters (and its fanout prefix bookkeeping), in a blocking pool.
+        plain = super()._get_pool()  # type: ignore[misc]
+        return redis.BlockingConnectionPool(  # type: ignore[no-untyped-call]
+            **plain.connection_kwargs,
+            connection_class=plain.connection_class,
+            max_connections=plain.max_connections,
+            timeout=POOL_TIMEOUT_S,
+        )
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:

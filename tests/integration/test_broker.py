@@ -4,6 +4,7 @@ Celery app."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -162,3 +163,30 @@ def test_flower_reads_the_queue_length_through_the_apps_broker_url(
         assert lengths == [{"name": queue_name, "messages": 1}]
     finally:
         client.close()
+
+
+def test_more_concurrent_commands_than_broker_connections_wait_instead_of_failing(
+    redis_url: str, queue_name: str
+) -> None:
+    """Thirty threads each holding a broker connection (a 0.2 s BLPOP) on a channel whose
+    pool has ten: the others wait their turn, none fails (kombu's own pool raises
+    MaxConnectionsError, which failed acks of jobs finishing together under gevent)."""
+    app = create_app(settings_for(redis_url, queue_name))
+    failures: list[BaseException] = []
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        assert channel.pool.max_connections == 10
+
+        def hold() -> None:
+            try:
+                with channel.conn_or_acquire() as client:
+                    client.blpop(f"{queue_name}-never", timeout=0.2)
+            except BaseException as exc:  # collected for the assertion
+                failures.append(exc)
+
+        threads = [threading.Thread(target=hold) for _ in range(30)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    assert failures == []
