@@ -49,6 +49,15 @@ _CHUNK_HEADER = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;.*)?[ \t]*\r\n")
 """h11's chunk header: the size in hex, extensions (ignored), trailing blanks, CRLF."""
 
 
+_LAYERS: tuple[tuple[str, type], ...] = (
+    ("_stream", ResponseStream),  # inside httpx's BoundSyncStream
+    ("_httpcore_stream", PoolByteStream),
+    ("_stream", HTTP11ConnectionByteStream),
+    ("_connection", HTTP11Connection),
+)
+"""From a response's stream down to its connection: each layer's attribute and type."""
+
+
 def chunked_connection(response: httpx.Response) -> HTTP11Connection | None:
     """The HTTP/1.1 connection whose chunked body :func:`iter_sse` can read, or None.
 
@@ -62,21 +71,14 @@ def chunked_connection(response: httpx.Response) -> HTTP11Connection | None:
         return None
     if response.is_stream_consumed or response.is_closed:
         return None
-    bound = response.stream
-    if type(bound) is not BoundSyncStream:
+    layer: Any = response.stream
+    if type(layer) is not BoundSyncStream:
         return None
-    transport = getattr(bound, "_stream", None)
-    if type(transport) is not ResponseStream:
-        return None
-    pool = getattr(transport, "_httpcore_stream", None)
-    if type(pool) is not PoolByteStream:
-        return None
-    body = getattr(pool, "_stream", None)
-    if type(body) is not HTTP11ConnectionByteStream:
-        return None
-    connection = getattr(body, "_connection", None)
-    if type(connection) is not HTTP11Connection:
-        return None
+    for attribute, kind in _LAYERS:
+        layer = getattr(layer, attribute, None)
+        if type(layer) is not kind:
+            return None
+    connection: HTTP11Connection = layer
     state = getattr(connection, "_h11_state", None)
     reader = getattr(state, "_reader", None)
     if (
