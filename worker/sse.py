@@ -142,6 +142,7 @@ class _ChunkedEvents:
                     left -= len(data)
                     if not left:
                         footer = b"\r\n"
+                    # _sse() inlined: one generator less per chunk.
                     if chars := text(data):
                         for line in lines(chars):
                             if (sse := event_of(line.rstrip("\n"))) is not None:
