@@ -80,7 +80,7 @@ class CancelListener:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.subscribe(self._keys.control())
                 # Tokens registered while the subscription was down may have missed a
