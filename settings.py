@@ -57,6 +57,11 @@ class Settings(BaseSettings):
         10, gt=0, description="how often a worker sweeps unacked messages past the timeout"
     )
     result_expires_s: int = Field(86_400, gt=0)
+    drain_s: float = Field(
+        20.0,
+        ge=0,
+        description="on SIGTERM, how long running jobs may finish before they are handed off",
+    )
     delta_flush_ms: int = Field(
         0, ge=0, description="hold deltas this long to merge more; 0 = merge only what queues"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from typing import Any
 
@@ -13,6 +14,8 @@ from settings import Settings, get_settings
 from tasks.progress import StateReporter
 from worker.runtime import build_runtime
 from worker.service import Service
+
+log = logging.getLogger(__name__)
 
 
 class RelieverTask(Task[Any, Any]):
@@ -78,6 +81,23 @@ class RelieverTask(Task[Any, Any]):
             argsrepr=argsrepr(message),
             kwargsrepr="{}",
         )
+
+    def drain(self) -> None:
+        """The worker is shutting down: let jobs finish for ``drain_s``, hand off the rest."""
+        service = self._service
+        if service is None:
+            return
+        grace_s = service.runtime.settings.drain_s
+        log.info("shutting down: running jobs have %ss to finish, then move on", grace_s)
+        try:
+            handed = service.drain(grace_s)
+        except Exception:
+            # Whatever was not handed off is still listed as running: once this process
+            # is gone its leases lapse and another worker's reaper re-enqueues those jobs.
+            log.exception("could not hand every job off; other workers will reap them")
+            return
+        if handed:
+            log.warning("handed %d job(s) off to other workers: %s", len(handed), handed)
 
     def shutdown(self) -> None:
         if self._reporter is not None:

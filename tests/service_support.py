@@ -9,10 +9,15 @@ import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import yaml
 
+from settings import Settings
 from tests.http_support import ServiceProcess
+from worker.celery import create_app
+from worker.client import Client
+from worker.mockllm import MockLLM
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 30.0
@@ -79,3 +84,67 @@ def running_worker(
         yield worker
     finally:
         worker.stop()
+
+
+API_KEY = "sk-service-test-key-0123456789"
+
+
+def _agents(base_url: str) -> dict[str, Any]:
+    def model(name: str, **extra: Any) -> dict[str, Any]:
+        return {"provider": "openai", "base_url": f"{base_url}/v1", "model": name, **extra}
+
+    fast_backoff = {"base": "50ms", "factor": 2, "max": "200ms", "jitter": 0}
+    return {
+        "models": {
+            "primary": model("primary", api_key_env="SERVICE_TEST_KEY"),
+            "backup": model("backup"),
+            "slow": model("slow"),
+            "flaky": model("flaky"),
+        },
+        "agents": {
+            "support": {"model": "primary", "fallbacks": ["backup"], "backoff": fast_backoff},
+            "slow": {"model": "slow", "retries": 0},
+            "patient": {
+                "model": "flaky",
+                "retries": 2,
+                "backoff": {"base": "30s", "factor": 2, "max": "30s", "jitter": 0},
+            },
+        },
+    }
+
+
+class Stack:
+    """One test's worker environment: agents file, env, a client on the same prefix."""
+
+    def __init__(self, tmp_path: Path, redis_url: str, prefix: str, mock: MockLLM) -> None:
+        self.prefix = prefix
+        self.queue = f"{prefix}-q"
+        self.agents_file = write_agents(tmp_path / "agents.yaml", _agents(mock.url))
+        self.redis_url = redis_url
+        self.env = worker_env(
+            redis_url=redis_url,
+            prefix=prefix,
+            queue_name=self.queue,
+            agents_file=self.agents_file,
+            SERVICE_TEST_KEY=API_KEY,
+        )
+        self.settings = Settings(
+            _env_file=None,
+            environment="test",
+            redis_url=redis_url,
+            key_prefix=prefix,
+            queue=self.queue,
+        )
+        self.client = Client(settings=self.settings)
+
+    def worker(self, name: str, *, concurrency: int = 4, queue: str | None = None, **env: str):
+        extra = dict(self.env, **env)
+        if queue is not None:
+            extra["RELIEVER_QUEUE"] = queue
+        return running_worker(extra, name=f"{self.prefix}-{name}", concurrency=concurrency)
+
+    def send_raw(self, payload: Any, task_id: str) -> None:
+        """Enqueue a message the way a web app in another language would."""
+        app = create_app(self.settings)
+        app.send_task("reliever.complete", args=[payload], task_id=task_id, queue=self.queue)
+        app.close()

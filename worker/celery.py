@@ -8,10 +8,11 @@ on for Flower, result expiry, and broker retries at start-up.
 
 from __future__ import annotations
 
+import _thread
 import gc
 from typing import Any
 
-from celery import Celery, signals
+from celery import Celery, current_app, signals
 from pydantic import ValidationError
 
 from settings import Settings, get_settings
@@ -118,6 +119,22 @@ def _start_background(sender: Any = None, **_: Any) -> None:
     # (one took 80-110 ms with 500 streams running, a pause in every stream).
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+@signals.worker_shutting_down.connect
+def _drain(how: str = "", **_: Any) -> None:
+    """On a warm shutdown (SIGTERM, a first Ctrl-C) hand unfinished jobs off after the grace.
+
+    Celery stops consuming and waits for running tasks; the service gives them
+    ``RELIEVER_DRAIN_S`` to finish, then hands the rest to other workers, and the tasks
+    it stopped return at once, so the process exits within the grace plus a moment.
+    Runs in the signal handler: the work goes to a thread of its own.
+    """
+    drain = getattr(current_app.tasks.get(TASK_NAME), "drain", None)
+    if how == "Warm" and drain is not None:
+        # Not threading.Thread(...).start(): it waits for the thread to start, which a
+        # signal handler on gevent's hub must not (BlockingSwitchOutError).
+        _thread.start_new_thread(drain, ())
 
 
 @signals.worker_shutdown.connect

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from celery.worker import loops
+from celery.worker import state as worker_state
 from celery.worker.consumer import Consumer
 
 logger = logging.getLogger(__name__)
@@ -32,12 +33,16 @@ the delay, first delta 10.93 -> 9.59 ms); Flower sees them at most this much lat
 
 class _PromptDrain:
     """The broker connection as Celery's blocking loop sees it: no wait longer than
-    :data:`DRAIN_WAIT_S`."""
+    :data:`DRAIN_WAIT_S`, and no message taken once the worker is shutting down."""
 
     def __init__(self, connection: Any) -> None:
         self._connection = connection
 
     def drain_events(self, timeout: float | None = None, **kwargs: Any) -> Any:
+        if worker_state.should_stop is not None or worker_state.should_terminate is not None:
+            # Celery's blocking loop drains once more after its shutdown check fires; a
+            # job taken then would only be handed off again (worker.service).
+            raise TimeoutError("the worker is shutting down")
         if timeout is not None:
             timeout = min(timeout, DRAIN_WAIT_S)
         return self._connection.drain_events(timeout=timeout, **kwargs)

@@ -9,6 +9,10 @@ Every worker process runs a reaper: a job listed as running whose lease has laps
 its worker (SIGKILL, OOM, a lost machine). The first reaper to remove it from the hash
 (atomically, in Lua) re-enqueues it, so it restarts within about ``ttl + interval``
 seconds instead of waiting out the broker's visibility timeout.
+
+A worker that shuts down hands its unfinished jobs off the same way, at once: it deletes
+their leases but keeps them listed (:meth:`Leases.hand_off`), and its own reaper (or any
+other worker's) claims and re-enqueues them.
 """
 
 from __future__ import annotations
@@ -58,6 +62,12 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+_HAND_OFF = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
 _CLAIM_LOST = """
 if redis.call('EXISTS', KEYS[1]) == 0 and redis.call('HDEL', KEYS[2], ARGV[1]) == 1 then
   return 1
@@ -104,6 +114,7 @@ class Leases:
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
         self._claim = client.register_script(_CLAIM_LOST)
+        self._hand_off = client.register_script(_HAND_OFF)
         self._held: dict[str, tuple[str, Callable[[], None]]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -161,6 +172,35 @@ class Leases:
         with self._lock:
             self._held.pop(job_id, None)
         self._release(keys=[self._keys.lease(job_id), self._keys.running()], args=[token, job_id])
+
+    def hand_off(self, job_id: str) -> bool:
+        """Give up the job's lease but leave it listed as running, then stop its run.
+
+        The job is then exactly what a reaper looks for (listed, no lease): the first to
+        claim it re-enqueues it, and the run's own writes, fenced by the deleted lease,
+        fail from here on, so it ends without a terminal event. False when this process
+        no longer held the lease.
+        """
+        with self._lock:
+            held = self._held.pop(job_id, None)
+        if held is None:
+            return False
+        token, on_lost = held
+        try:
+            deleted = self._hand_off(keys=[self._keys.lease(job_id)], args=[token])
+        except Exception:
+            # The lease may still stand: the run goes on under it (a cancel now would end
+            # the job for good), renewed as before, until a hand-off gets through.
+            with self._lock:
+                self._held.setdefault(job_id, held)
+            raise
+        on_lost()
+        return bool(deleted)
+
+    def held(self) -> list[str]:
+        """The jobs whose leases this process holds."""
+        with self._lock:
+            return list(self._held)
 
     def renew_all(self) -> None:
         """Renew every lease this process holds; call ``on_lost`` for those taken over."""

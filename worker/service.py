@@ -14,6 +14,12 @@ For each delivered job message :meth:`Service.run`:
 
 The per-process background work lives here too: renewing leases, re-enqueueing jobs
 whose worker died (the reaper), and the cancel listener.
+
+Shutting down (:meth:`Service.drain`, on the worker's SIGTERM): running jobs get a grace
+period to finish; every job still running after it, and any job that starts during the
+drain, is handed off: its lease is given up (it stays listed as running), its run stops
+without a terminal event, and the reaper re-enqueues it for another worker, whose rerun
+publishes ``restarted`` and continues the seq.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -84,6 +92,8 @@ class Service:
         self.leases = Leases(runtime.redis, runtime.keys, ttl_s=settings.lease_ttl_s)
         self.cancels = CancelListener(runtime.redis, runtime.keys)
         self._enqueue = enqueue
+        self._draining = threading.Event()
+        self._released = threading.Condition()
 
     def start(self) -> None:
         """Start the cancel listener and the lease keeper (which also reaps)."""
@@ -93,6 +103,28 @@ class Service:
     def stop(self) -> None:
         self.leases.stop()
         self.cancels.stop()
+
+    def drain(self, grace_s: float) -> list[str]:
+        """Let running jobs finish for up to ``grace_s``, then hand off the rest.
+
+        From the call on, a job that takes its lease is handed off at once. Returns the ids
+        of the jobs handed off; each is re-enqueued before this returns (or, if that
+        failed, left for any worker's reaper within a lease TTL).
+        """
+        self._draining.set()
+        ends = time.monotonic() + grace_s
+        with self._released:
+            while self.leases.held() and (left := ends - time.monotonic()) > 0:
+                self._released.wait(left)
+        handed = [job_id for job_id in self.leases.held() if self._hand_off(job_id)]
+        self.reap()
+        return handed
+
+    def _hand_off(self, job_id: str) -> bool:
+        if not self.leases.hand_off(job_id):
+            return False
+        log.warning("job %s: this worker is shutting down; handing the job off", job_id)
+        return True
 
     def reap(self) -> None:
         """Re-enqueue the jobs whose worker died (their lease lapsed before they ended)."""
@@ -130,12 +162,17 @@ class Service:
             if lease is None:
                 log.info("job %s is running elsewhere; dropping this delivery", job_id)
                 return None
+            if self._draining.is_set() and self._hand_off(job_id):
+                self.reap()
+                return None
             if lease.cancelled:
                 cancel.cancel()
             try:
                 return self._run(job, agent, lease, cancel, progress)
             finally:
                 self.leases.release(job_id, lease.token)
+                with self._released:
+                    self._released.notify_all()
         finally:
             self.cancels.unregister(job_id, cancel)
 
