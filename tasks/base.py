@@ -7,13 +7,17 @@ import logging
 import threading
 from typing import Any
 
+import redis
 from celery import Task
 from celery.events.dispatcher import EventDispatcher
 
 from settings import Settings, get_settings
 from tasks.progress import StateReporter
+from worker.clock import SystemClock
+from worker.errors import ConfigError
+from worker.keys import Keys
 from worker.runtime import build_runtime
-from worker.service import Service
+from worker.service import Service, fail_job, job_id_of
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +35,7 @@ class RelieverTask(Task[Any, Any]):
     _service: Service | None = None
     _reporter: StateReporter | None = None
     _dispatcher: EventDispatcher | None = None
+    _fallback_redis: redis.Redis | None = None
     _service_lock = threading.Lock()
     node: str | None = None
     """The worker's node name (for the events the reporter sends), from its first job."""
@@ -45,6 +50,20 @@ class RelieverTask(Task[Any, Any]):
                     service.start()
                     self._service = service
         return self._service
+
+    def fail_unconfigured(self, job: Any, task_id: str, error: ConfigError) -> dict[str, Any]:
+        """The service cannot be built (the configuration broke after the worker started):
+        end the job with its one terminal event, ``failed`` with kind ``config``."""
+        settings: Settings = getattr(self.app, "settings", None) or get_settings()
+        job_id = job_id_of(job, task_id)
+        log.error("job %s failed: the worker's configuration is broken: %s", job_id, error)
+        with self._service_lock:
+            if self._fallback_redis is None:
+                self._fallback_redis = redis.Redis.from_url(
+                    settings.redis_url, socket_timeout=5.0, socket_connect_timeout=5.0
+                )
+        keys = Keys(settings.key_prefix)
+        return fail_job(self._fallback_redis, keys, SystemClock(), settings, job_id, error)
 
     @property
     def progress_reporter(self) -> StateReporter:
@@ -114,6 +133,9 @@ class RelieverTask(Task[Any, Any]):
             self._service.stop()
             self._service.runtime.close()
             self._service = None
+        if self._fallback_redis is not None:
+            self._fallback_redis.close()
+            self._fallback_redis = None
 
 
 RUNNING = "RUNNING"

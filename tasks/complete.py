@@ -8,6 +8,7 @@ from celery import shared_task
 from celery.exceptions import Ignore
 
 from tasks.base import RelieverTask
+from worker.errors import ConfigError
 from worker.events import Event
 
 PROGRESS_FLUSH_S = 5.0
@@ -37,7 +38,11 @@ def complete(self: RelieverTask, job: Any) -> dict[str, Any]:
         )
 
     try:
-        result = self.service.run(job, task_id=task_id, progress=progress)
+        service = self.service
+    except ConfigError as exc:
+        return self.fail_unconfigured(job, task_id, exc)
+    try:
+        result = service.run(job, task_id=task_id, progress=progress)
     finally:
         # Celery writes the final state after we return: a RUNNING being written must
         # land first, or it would overwrite SUCCESS; one not yet written is dropped.

@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import _thread
 import gc
-from typing import Any
+import logging
+import sys
+from typing import Any, NoReturn
 
 from celery import Celery, current_app, signals
 from pydantic import ValidationError
 
-from settings import Settings, get_settings
+from settings import Settings, describe_errors, get_settings
 from worker import broker
+from worker.agents import Agents, load_agents
+from worker.errors import EXIT_CONFIG, ConfigError
 from worker.observability import configure_logging, start_observability
 
 TASK_NAME = "reliever.complete"
+
+log = logging.getLogger(__name__)
 
 
 class RelieverCelery(Celery):
@@ -84,13 +90,16 @@ def _setup_logging(**_: Any) -> None:
 
 
 @signals.celeryd_init.connect
-def _start_observability(**_: Any) -> None:
-    """Sentry, traces and the metrics endpoint, each as the settings say (all off by default).
+def _start_worker(**_: Any) -> None:
+    """Refuse a broken agents file, then start Sentry, traces and the metrics endpoint.
 
-    Runs before the worker imports its consumer (Sentry must patch Celery's tracer first) and
-    before ``setup_logging``, so logging is configured here already.
+    Runs before the worker connects to the broker, so a worker whose agents file is
+    broken exits (status 2, one line naming the file, key path and problem) without
+    taking a job. It also runs before the worker imports its consumer (Sentry must patch
+    Celery's tracer first) and before ``setup_logging``, so logging is configured here.
     """
     settings = get_settings()
+    agents_or_exit(settings)
     configure_logging(settings)
     start_observability(settings)
 
@@ -113,7 +122,12 @@ def _start_background(sender: Any = None, **_: Any) -> None:
     """Idle workers reap lost jobs and listen for cancels too, not only busy ones."""
     consumer_app = getattr(sender, "app", None)
     if consumer_app is not None and TASK_NAME in consumer_app.tasks:
-        consumer_app.tasks[TASK_NAME].service  # noqa: B018 - builds and starts it
+        try:
+            consumer_app.tasks[TASK_NAME].service  # noqa: B018 - builds and starts it
+        except ConfigError as exc:
+            # Checked at start already; broken since (the file changed): each job now
+            # ends `failed` with kind `config` until the worker is fixed and restarted.
+            log.error("the worker's configuration is broken: %s", exc)
     # Everything built so far (modules, the app, the service) lives as long as the
     # process: moved out of the collector's sight, a full collection no longer walks it
     # (one took 80-110 ms with 500 streams running, a pause in every stream).
@@ -144,17 +158,25 @@ def _stop_background(sender: Any = None, **_: Any) -> None:
         consumer_app.tasks[TASK_NAME].shutdown()
 
 
+def _exit_config(message: str) -> NoReturn:
+    print(f"reliever: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_CONFIG)
+
+
 def settings_or_exit() -> Settings:
     """The process's settings; a bad environment stops the process with one clear line."""
     try:
         return get_settings()
     except ValidationError as exc:
-        problems = "; ".join(
-            (f"RELIEVER_{'_'.join(str(p) for p in e['loc']).upper()}: " if e["loc"] else "")
-            + e["msg"].removeprefix("Value error, ")
-            for e in exc.errors()
-        )
-        raise SystemExit(f"reliever: bad settings: {problems}") from None
+        _exit_config(f"bad settings: {describe_errors(exc)}")
+
+
+def agents_or_exit(settings: Settings) -> Agents:
+    """The agents file, validated; a broken one stops the process with one clear line."""
+    try:
+        return load_agents(settings.agents_file, loopback_only=settings.loopback_only)
+    except ConfigError as exc:
+        _exit_config(f"bad agents file: {exc.message}")
 
 
 app = create_app(settings_or_exit())

@@ -29,6 +29,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+EXIT_CONFIG = 2
+"""The exit status of every command stopped by a broken configuration (settings or agents
+file): a worker at start, ``python -m worker check`` and ``python -m worker run``."""
+
 
 class RelieverError(Exception):
     """Root of every error reliever raises on purpose."""

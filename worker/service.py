@@ -32,13 +32,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import redis
+
+from settings import Settings
 from worker.agents import Agent
-from worker.clock import CancelToken, Deadline
+from worker.clock import CancelToken, Clock, Deadline
 from worker.control import CancelListener
 from worker.cooldown import Pin, PinAtStart
-from worker.errors import InvalidJob, JobError, UnknownAgent
+from worker.errors import InvalidJob, JobError, RelieverError, UnknownAgent
 from worker.events import TERMINAL_TYPES, Event, EventSink, result_of
 from worker.jobs import JOB_ID_PATTERN, Job, parse_job
+from worker.keys import Keys
 from worker.lease import Lease, Leases
 from worker.observer import observe, observe_rejected
 from worker.redis_events import LeaseLost, RedisEventLog
@@ -271,12 +275,29 @@ class Service:
     def _reject(self, job_id: str, error: JobError) -> dict[str, Any]:
         rt = self.runtime
         observe_rejected(job_id, error)
-        sink = RedisEventLog(rt.redis, rt.keys, job_id, rt.clock, ttl_s=rt.settings.event_ttl)
-        event = sink.emit({"type": "failed", "error": error.info(), "attempts": []})
-        result = result_of(event)
-        self._store(job_id, result)
-        return result
+        return fail_job(rt.redis, rt.keys, rt.clock, rt.settings, job_id, error)
 
     def _store(self, job_id: str, result: dict[str, Any]) -> None:
-        rt = self.runtime
-        rt.redis.set(rt.keys.result(job_id), json.dumps(result), ex=rt.settings.result_expires_s)
+        store_result(self.runtime.redis, self.runtime.keys, self.runtime.settings, job_id, result)
+
+
+def fail_job(
+    client: redis.Redis,
+    keys: Keys,
+    clock: Clock,
+    settings: Settings,
+    job_id: str,
+    error: RelieverError,
+) -> dict[str, Any]:
+    """End a job that cannot run with its one terminal event, ``failed``; its result."""
+    sink = RedisEventLog(client, keys, job_id, clock, ttl_s=settings.event_ttl)
+    event = sink.emit({"type": "failed", "error": error.info(), "attempts": []})
+    result = result_of(event)
+    store_result(client, keys, settings, job_id, result)
+    return result
+
+
+def store_result(
+    client: redis.Redis, keys: Keys, settings: Settings, job_id: str, result: dict[str, Any]
+) -> None:
+    client.set(keys.result(job_id), json.dumps(result), ex=settings.result_expires_s)

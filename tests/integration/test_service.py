@@ -392,7 +392,7 @@ def test_service_stream_outliving_the_visibility_timeout_runs_once(
 
 
 def test_service_worker_refuses_bad_settings_with_one_clear_line(stack: Stack) -> None:
-    """A worker started with default Flower credentials in production exits 1, saying why."""
+    """A worker started with default Flower credentials in production exits 2, saying why."""
     import subprocess
     import sys
 
@@ -406,6 +406,6 @@ def test_service_worker_refuses_bad_settings_with_one_clear_line(stack: Stack) -
         check=False,
     )
 
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert "reliever: bad settings: RELIEVER_FLOWER_BASIC_AUTH must be set" in done.stderr
     assert "Traceback" not in done.stderr
