@@ -3,7 +3,8 @@
 The tree::
 
     RelieverError                 root of everything raised on purpose
-    ├── ConfigError               bad settings or agents file; the worker refuses to start
+    ├── ConfigError               kind=config: bad settings or agents file; the worker
+    │                             refuses to start (a job meeting one later ends with it)
     ├── JobError                  the job itself is unusable; never retried
     │   ├── InvalidJob            kind=invalid_job (names the field)
     │   └── UnknownAgent          kind=unknown_agent
