@@ -3,7 +3,7 @@
 1. The chain is ``[model] + fallbacks``; each model gets ``1 + retries`` attempts, and no
    attempt hides retries of its own (httpx runs with ``retries=0``).
 2. Retryable errors back off and retry the same model; the delay comes from `backoff`
-   (``retry.BackoffPolicy``); a Retry-After on 429/503/529 replaces it (capped). No wait
+   (``retry.BackoffPolicy``); a Retry-After on 429/503/529 replaces it (≤ 60 s). No wait
    between models, none after the last attempt.
 3. 429 with a later model: next model at once. With none left: fail, unless
    ``retry_on_rate_limit``: one wait (Retry-After ≤ 60 s, else the backoff delay) per retry.
@@ -452,6 +452,8 @@ class _JobRun:
         return _Next.MOVE_ON
 
     def _delay(self, error: ProviderError, planned_s: float) -> float:
+        # The one place the 60 s cap applies: the error keeps the server's longer
+        # Retry-After, which the cooldown pin lasts for.
         if error.retry_after_s is not None:
             return min(error.retry_after_s, RETRY_AFTER_CAP_S)
         return planned_s

@@ -28,7 +28,7 @@ from worker.errors import (
     RateLimited,
     RetryableError,
 )
-from worker.retry import RETRY_AFTER_KEEP_S, parse_retry_after
+from worker.retry import parse_retry_after
 
 MESSAGE_MAX_CHARS = 300
 
@@ -169,12 +169,10 @@ def _retry_after(headers: Mapping[str, str], body: ErrorBody, now_s: float) -> f
         except ValueError:
             value = -1.0
         if value >= 0:
-            return parse_retry_after(str(value), now_s=now_s, cap_s=RETRY_AFTER_KEEP_S)
-    parsed = parse_retry_after(
-        _header(headers, "retry-after"), now_s=now_s, cap_s=RETRY_AFTER_KEEP_S
-    )
+            return parse_retry_after(str(value), now_s=now_s)
+    parsed = parse_retry_after(_header(headers, "retry-after"), now_s=now_s)
     if parsed is None and body.retry_after_s is not None:
-        parsed = parse_retry_after(str(body.retry_after_s), now_s=now_s, cap_s=RETRY_AFTER_KEEP_S)
+        parsed = parse_retry_after(str(body.retry_after_s), now_s=now_s)
     return parsed
 
 
@@ -267,7 +265,5 @@ def classify_stream_error(
     message = scrub(_describe(None, parsed, "error event in the stream"), secrets)
     retry_after = None
     if cls is RateLimited and parsed.retry_after_s is not None:
-        retry_after = parse_retry_after(
-            str(parsed.retry_after_s), now_s=now_s, cap_s=RETRY_AFTER_KEEP_S
-        )
+        retry_after = parse_retry_after(str(parsed.retry_after_s), now_s=now_s)
     return cls(message, retry_after_s=retry_after, provider_code=parsed.code)

@@ -86,7 +86,8 @@ class ProviderError(RelieverError):
 
     Attributes:
         status: the HTTP status, when the upstream answered with one.
-        retry_after_s: the server's Retry-After, already parsed and capped.
+        retry_after_s: the server's Retry-After in seconds, kept up to a day (it sets the
+            pin); the chain caps its wait at 60 s.
         provider_code: the provider's own error type or code (``rate_limit_exceeded`` …).
     """
 

@@ -18,7 +18,11 @@ import backoff
 import redis
 
 RETRY_AFTER_CAP_S = 60.0
-"""The longest server-requested wait we honour (DESIGN rules 2 and 3)."""
+"""The longest server-requested wait we honour (DESIGN rules 2 and 3).
+
+The chain applies it when it waits; errors keep the server's value (up to
+:data:`RETRY_AFTER_KEEP_S`), because a pin lasts for the whole of it.
+"""
 
 RETRY_AFTER_KEEP_S = 86_400.0
 """The longest Retry-After an error keeps: a pin lasts that long at most (rule 7)."""
@@ -81,18 +85,19 @@ class BackoffPolicy:
             yield jitter(float(delay_s))
 
 
-def parse_retry_after(
-    value: str | None, *, now_s: float, cap_s: float = RETRY_AFTER_CAP_S
-) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP-date).
+def parse_retry_after(value: str | None, *, now_s: float) -> float | None:
+    """Seconds the server asks us to wait, from a ``Retry-After`` (delta-seconds or an HTTP-date).
+
+    This is what an error keeps, not how long the chain waits: the chain caps its wait at
+    :data:`RETRY_AFTER_CAP_S`.
 
     Args:
         value: the raw header, or None when absent.
         now_s: the current epoch time, for HTTP-dates.
-        cap_s: the longest wait returned; longer requests are capped to it.
 
     Returns:
-        The wait in seconds in ``[0, cap_s]``, or None when the header is absent or unusable.
+        The seconds in ``[0, RETRY_AFTER_KEEP_S]``, or None when the header is absent or
+        unusable.
     """
     if value is None:
         return None
@@ -117,4 +122,4 @@ def parse_retry_after(
             return None
     if math.isnan(seconds) or seconds < 0:
         return None if math.isnan(seconds) else 0.0
-    return min(seconds, cap_s)
+    return min(seconds, RETRY_AFTER_KEEP_S)

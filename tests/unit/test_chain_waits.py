@@ -1,4 +1,4 @@
-"""The executor's waits, with a fake provider and a fake clock: bounded by the deadline."""
+"""The executor's waits, with a fake provider and a fake clock: capped, within the deadline."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from worker.errors import ProviderError, RateLimited, RetryableError
 from worker.events import MemoryEventSink
 from worker.jobs import parse_job
 from worker.providers.base import Delta, ProviderRequest
+from worker.retry import RETRY_AFTER_CAP_S, RETRY_AFTER_KEEP_S
 
 
 class FailingProvider:
@@ -37,9 +38,13 @@ errors = st.lists(
         st.builds(
             RetryableError,
             st.just("HTTP 503"),
-            retry_after_s=st.none() | st.floats(min_value=0, max_value=60),
+            retry_after_s=st.none() | st.floats(min_value=0, max_value=RETRY_AFTER_KEEP_S),
         ),
-        st.builds(RateLimited, st.just("HTTP 429"), retry_after_s=st.none() | st.floats(0, 60)),
+        st.builds(
+            RateLimited,
+            st.just("HTTP 429"),
+            retry_after_s=st.none() | st.floats(min_value=0, max_value=RETRY_AFTER_KEEP_S),
+        ),
     ),
     min_size=1,
     max_size=5,
@@ -56,10 +61,11 @@ errors = st.lists(
     jitter=st.floats(min_value=0, max_value=1),
     deadline_s=st.none() | st.floats(min_value=0.001, max_value=30),
 )
-def test_chain_waits_never_exceed_deadline_and_only_separate_same_model_attempts(
+def test_chain_waits_are_capped_within_deadline_and_only_separate_same_model_attempts(
     errors, retries, fallbacks, retry_on_rate_limit, base_ms, factor, jitter, deadline_s
 ):
-    """Waits add up to no more than the deadline and only separate tries of one model."""
+    """Each wait is at most 60 s whatever Retry-After asked; waits fit the deadline and only
+    separate tries of one model."""
     names = ["m0", "m1", "m2"][: 1 + fallbacks]
     doc = {
         "models": {
@@ -98,6 +104,7 @@ def test_chain_waits_never_exceed_deadline_and_only_separate_same_model_attempts
 
     outcome = executor.run(job, agent, sink)
 
+    assert all(s <= RETRY_AFTER_CAP_S for s in clock.sleeps)
     if deadline_s is not None:
         assert sum(clock.sleeps) <= deadline_s + 1e-9
     assert outcome.status == "failed"

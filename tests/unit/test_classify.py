@@ -19,7 +19,7 @@ from worker.errors import (
     RetryableError,
 )
 from worker.providers.base import translated
-from worker.retry import RETRY_AFTER_CAP_S
+from worker.retry import RETRY_AFTER_KEEP_S
 
 NOW_S = 1_700_000_000.0
 
@@ -87,8 +87,20 @@ def test_classify_response_any_input_is_typed_and_keeps_the_status(status, hdrs,
 
     assert isinstance(error, ProviderError)
     assert error.status == status
-    assert error.retry_after_s is None or 0 <= error.retry_after_s <= RETRY_AFTER_CAP_S
+    assert error.retry_after_s is None or 0 <= error.retry_after_s <= RETRY_AFTER_KEEP_S
     assert len(error.message) <= 300
+
+
+@given(
+    st.sampled_from([429, 503, 529]),
+    st.sampled_from(["retry-after", "Retry-After"]),
+    st.integers(min_value=0, max_value=10**7),
+)
+def test_classify_response_keeps_retry_after_up_to_a_day(status, name, seconds):
+    """A throttling status keeps the server's Retry-After, capped at a day, not at the wait cap."""
+    error = classify_response(status, {name: str(seconds)}, "", now_s=NOW_S)
+
+    assert error.retry_after_s == min(float(seconds), RETRY_AFTER_KEEP_S)
 
 
 @given(headers, bodies)
