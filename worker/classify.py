@@ -3,10 +3,12 @@
 DESIGN rule 9, in this order and no other:
 
 1. the HTTP status code (429 is a rate limit whatever its text says; 408/5xx are
-   transient; 413 is a context overflow; other 4xx are fatal unless step 2 says overflow);
+   transient; 413 is a context overflow; other 4xx are fatal unless steps 2-3 say overflow);
 2. the provider's error code or type in the body (OpenAI ``context_length_exceeded``,
    Anthropic ``overloaded_error``, Gemini ``RESOURCE_EXHAUSTED`` …);
-3. the message text, last, with word boundaries only.
+3. the message text, last, with word boundaries only ("prompt is too long", "maximum
+   context length", "request too large", "payload too large", "maximum number of
+   tokens" …).
 
 No number is ever read out of text: a status comes from the status line alone, so a "500"
 in a prompt or ":443" in an address never becomes one. Everything here is pure: no I/O,
@@ -58,10 +60,15 @@ _OVERFLOW_CODES = frozenset(
     {"context_length_exceeded", "request_too_large", "string_above_max_length"}
 )
 
+# An oversized request ("Request too large", "Payload Too Large" …) is an overflow too: a
+# model with a larger window or size limit may take it. On a 429 the status decides first,
+# so OpenAI's "Request too large … on tokens per min" stays a rate limit.
 _OVERFLOW_TEXT = re.compile(
     r"\b(prompt is too long|maximum context length|context length exceeded|"
     r"context window|too many tokens|input is too long|exceeds the model's max|"
-    r"token limit|reduce the length|reduce your prompt|input token count)\b",
+    r"token limit|reduce the length|reduce your prompt|input token count|"
+    r"maximum number of tokens|request (?:body |entity )?too large|payload too large|"
+    r"payload size exceeds|content length exceeds)\b",
     re.IGNORECASE,
 )
 _RATE_LIMIT_TEXT = re.compile(r"\b(rate limit(ed)?|too many requests)\b", re.IGNORECASE)

@@ -234,6 +234,123 @@ def test_classify_response_table_follows_rule_9(status, hdrs, body, cls):
     assert error.status == status
 
 
+def _anthropic_error(type_, message):
+    return json.dumps({"type": "error", "error": {"type": type_, "message": message}})
+
+
+def _gemini_error(message, code=400, status="INVALID_ARGUMENT"):
+    return json.dumps({"error": {"code": code, "message": message, "status": status}})
+
+
+# OpenAI's and Groq's bodies when one request alone is over the tokens-per-minute limit.
+OPENAI_TPM_TOO_LARGE = _openai_error(
+    "Request too large for gpt-4o in organization org-abc on tokens per min (TPM): Limit "
+    "30000, Requested 39448. The input or output tokens must be reduced in order to run "
+    "successfully. Visit https://platform.openai.com/account/rate-limits to learn more.",
+    "rate_limit_exceeded",
+    "tokens",
+)
+GROQ_TPM_TOO_LARGE = _openai_error(
+    "Request too large for model `llama-3.3-70b-versatile` in organization `org_01abc` "
+    "service tier `on_demand` on tokens per minute (TPM): Limit 6000, Requested 14810, please "
+    "reduce your message size and try again. Visit https://console.groq.com/docs/rate-limits "
+    "for more information.",
+    "rate_limit_exceeded",
+    "tokens",
+)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # GitHub Models (OpenAI-compatible), seen with a 413.
+        pytest.param(
+            json.dumps(
+                {
+                    "error": {
+                        "code": "tokens_limit_reached",
+                        "message": "Request body too large for gpt-4o model. Max size: 8000 "
+                        "tokens.",
+                    }
+                }
+            ),
+            id="openai-compatible-request-body-too-large",
+        ),
+        # Express body-parser's message, in an OpenAI-compatible proxy's error object.
+        pytest.param(
+            _openai_error("request entity too large", None, "entity.too.large"),
+            id="openai-compatible-request-entity-too-large",
+        ),
+        # The bare wordings, in each dialect's error object.
+        pytest.param(
+            _openai_error("content length exceeds the maximum"),
+            id="openai-compatible-content-length-exceeds",
+        ),
+        pytest.param(_openai_error("Payload Too Large"), id="openai-compatible-payload-too-large"),
+        pytest.param(
+            _anthropic_error("invalid_request_error", "Request too large for model"),
+            id="anthropic-request-too-large",
+        ),
+        # Gemini's answer to a request over its size limit.
+        pytest.param(
+            _gemini_error("Request payload size exceeds the limit: 314572800 bytes."),
+            id="gemini-payload-size-exceeds",
+        ),
+        # Vertex's wording without "input token count".
+        pytest.param(
+            _gemini_error("The input exceeds the maximum number of tokens allowed"),
+            id="gemini-exceeds-maximum-number-of-tokens",
+        ),
+    ],
+)
+@pytest.mark.parametrize("status", [400, 413])
+def test_classify_response_oversized_request_is_overflow(status, body):
+    """A 400 or 413 saying the request is too large is an overflow: a bigger model may take it."""
+    error = classify_response(status, {}, body, now_s=NOW_S)
+
+    assert type(error) is ContextOverflow
+    assert error.status == status
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "cls"),
+    [
+        pytest.param(429, OPENAI_TPM_TOO_LARGE, RateLimited, id="openai-429-tpm"),
+        pytest.param(413, GROQ_TPM_TOO_LARGE, ContextOverflow, id="groq-413-tpm"),
+        pytest.param(
+            400,
+            _anthropic_error(
+                "invalid_request_error",
+                "max_tokens: 10000 > 4096, which is the maximum allowed number of output "
+                "tokens for claude-3-5-sonnet-20240620",
+            ),
+            FatalError,
+            id="anthropic-400-max-tokens-setting",
+        ),
+        pytest.param(
+            413,
+            "<html>\r\n<head><title>413 Request Entity Too Large</title></head>\r\n<body>\r\n"
+            "<center><h1>413 Request Entity Too Large</h1></center>\r\n<hr><center>nginx"
+            "</center>\r\n</body>\r\n</html>\r\n",
+            ContextOverflow,
+            id="nginx-413-html",
+        ),
+    ],
+)
+def test_classify_response_size_wording_does_not_overreach(status, body, cls):
+    """Size wording never overrides the status or a code ("Request too large" over a
+    tokens-per-minute limit stays a rate limit on a 429), and an output-token setting is
+    no overflow."""
+    assert type(classify_response(status, {}, body, now_s=NOW_S)) is cls
+
+
+def test_classify_stream_error_tpm_request_too_large_is_rate_limited():
+    """In a stream (no status), the rate-limit code wins over the "Request too large" text."""
+    error = classify_stream_error(json.loads(OPENAI_TPM_TOO_LARGE), now_s=NOW_S)
+
+    assert type(error) is RateLimited
+
+
 def test_classify_response_html_page_is_described_not_dumped():
     """An HTML error page's message says what it was, without the markup."""
     page = "<html><body><h1>502 Bad Gateway</h1>" + "x" * 500 + "</body></html>"
