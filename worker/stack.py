@@ -11,7 +11,8 @@ SIGINT (Ctrl-C), SIGTERM and SIGHUP stop the stack at any point: while it waits 
 worker, during the demo, or while it keeps running. Honcho's process group gets SIGTERM
 (honcho passes it on to each service, and kills what is left 5 s after the first one
 stopped); what still runs after ``STOP_TIMEOUT_S`` is killed (SIGKILL), honcho and each
-service's process group.
+service's process group. A ``redis-server`` started here is shut down as well (``SHUTDOWN
+NOSAVE``); a Redis that was already running is left alone.
 
 Exit status:
 
@@ -175,17 +176,30 @@ def redis_answers(url: str) -> bool:
         client.close()
 
 
-def ensure_redis(url: str) -> str | None:
-    """None when Redis answers (started here if need be), else what the user must do."""
+class RedisUnavailable(Exception):
+    """No Redis answers and none can be started here; the message says what to do."""
+
+
+def ensure_redis(url: str) -> int | None:
+    """Make Redis answer at ``url``.
+
+    Returns:
+        The port of the ``redis-server`` started here, or None when Redis answered already.
+
+    Raises:
+        RedisUnavailable: Redis is not local, not installed, or does not answer.
+    """
     if redis_answers(url):
         return None
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 6379
     if host not in ("127.0.0.1", "localhost", "::1"):
-        return f"Redis at {host}:{port} does not answer; start it or set RELIEVER_REDIS_URL."
+        raise RedisUnavailable(
+            f"Redis at {host}:{port} does not answer; start it or set RELIEVER_REDIS_URL."
+        )
     server = shutil.which("redis-server")
     if server is None:
-        return (
+        raise RedisUnavailable(
             "No Redis answers and redis-server is not installed. Install it "
             "(Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis) "
             "or point RELIEVER_REDIS_URL at a running Redis."
@@ -198,10 +212,23 @@ def ensure_redis(url: str) -> str | None:
     ends = time.monotonic() + 10
     while time.monotonic() < ends:
         if redis_answers(url):
-            print(f"started redis-server on 127.0.0.1:{port}")
-            return None
+            print(f"started redis-server on 127.0.0.1:{port}", flush=True)
+            return port
         time.sleep(0.1)
-    return f"redis-server was started on port {port} but does not answer."
+    raise RedisUnavailable(f"redis-server was started on port {port} but does not answer.")
+
+
+def stop_redis(url: str, port: int) -> None:
+    """Shut down the ``redis-server`` that :func:`ensure_redis` started (nothing saved)."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=5)
+    try:
+        client.shutdown(nosave=True)
+    except redis.RedisError as exc:
+        print(f"could not stop the redis-server on port {port}: {exc}", file=sys.stderr)
+    else:
+        print(f"stopped the redis-server on 127.0.0.1:{port}", flush=True)
+    finally:
+        client.close()
 
 
 def wait_for_worker(client: Client, deadline_s: float) -> bool:
@@ -330,11 +357,16 @@ def main(argv: list[str] | None = None) -> int:
     env.setdefault("RELIEVER_WEB_PORT", "8000")
     os.environ.update(env)
     settings = Settings()
-    problem = ensure_redis(settings.redis_url)
-    if problem is not None:
-        print(problem, file=sys.stderr)
+    try:
+        redis_port = ensure_redis(settings.redis_url)
+    except RedisUnavailable as exc:
+        print(exc, file=sys.stderr)
         return 1
-    return run_stack(args, env, settings, interrupts)
+    try:
+        return run_stack(args, env, settings, interrupts)
+    finally:
+        if redis_port is not None:
+            stop_redis(settings.redis_url, redis_port)
 
 
 if __name__ == "__main__":

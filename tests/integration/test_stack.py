@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -217,3 +218,36 @@ def test_a_service_that_exits_by_itself_stops_the_stack_with_status_1(
     assert stack.wait() == 1, stack.output()
     assert "worker.1 exited by itself" in stack.output()
     assert f"see {stack.log_path}" in stack.output()
+
+
+def redis_servers_on(port: int) -> list[int]:
+    """Pids of the redis-servers on ``port``, by their title (their environment is wiped)."""
+    title = f"redis-server 127.0.0.1:{port}"
+    return [pid for pid, _environ, argv in live_processes() if argv[0].endswith(title)]
+
+
+@pytest.fixture
+def redis_port() -> Iterator[int]:
+    """A free port for the stack's own redis-server; one left running is killed after."""
+    port = free_port()
+    yield port
+    for pid in redis_servers_on(port):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_the_stack_shuts_down_the_redis_server_it_started(
+    start_stack: Callable[..., StackProcess], redis_port: int
+) -> None:
+    """No Redis answers on the configured port: the stack starts a redis-server there,
+    and shuts it down when a signal stops the stack."""
+    stack = start_stack("--no-demo", redis_url=f"redis://127.0.0.1:{redis_port}/0")
+    stack.wait_for_line(RUNNING)
+    assert len(redis_servers_on(redis_port)) == 1
+
+    os.kill(stack.proc.pid, signal.SIGTERM)
+
+    assert stack.wait() == 0, stack.output()
+    assert f"stopped the redis-server on 127.0.0.1:{redis_port}" in stack.output()
+    assert redis_servers_on(redis_port) == []
