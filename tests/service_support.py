@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import redis
 import yaml
 
 from settings import Settings
-from tests.http_support import ServiceProcess
+from tests.http_support import ServiceProcess, free_port, wait_for
 from worker.celery import create_app
 from worker.client import Client
 from worker.mockllm import MockLLM
@@ -148,3 +150,69 @@ class Stack:
         app = create_app(self.settings)
         app.send_task("reliever.complete", args=[payload], task_id=task_id, queue=self.queue)
         app.close()
+
+
+class RedisServer:
+    """A ``redis-server`` of a test's own, on a free port, with AOF (every write fsynced)
+    so that a restart keeps what was written: for outages and restarts."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+                "--dir", str(self.dir), "--logfile", str(self.dir / "redis.log"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        try:
+            wait_for(self._answers(client), timeout_s=10, interval_s=0.05, what="redis-server")
+        finally:
+            client.close()
+
+    @staticmethod
+    def _answers(client: redis.Redis) -> Callable[[], bool | None]:
+        def probe() -> bool | None:
+            try:
+                return True if client.ping() else None
+            except redis.RedisError:
+                return None
+
+        return probe
+
+    def shutdown(self) -> None:
+        """A graceful ``SHUTDOWN`` (the AOF is complete), waited for."""
+        client = redis.Redis(port=self.port)
+        with contextlib.suppress(redis.ConnectionError):
+            client.shutdown()
+        client.close()
+        self._reap()
+
+    def kill(self) -> None:
+        """SIGKILL: Redis dies mid-command, as in a crash."""
+        if self.proc is not None:
+            self.proc.kill()
+        self._reap()
+
+    def _reap(self) -> None:
+        if self.proc is not None:
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+@contextmanager
+def redis_server(workdir: Path) -> Iterator[RedisServer]:
+    server = RedisServer(workdir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()

@@ -197,6 +197,20 @@ class Leases:
         on_lost()
         return bool(deleted)
 
+    def abandon(self, job_id: str) -> None:
+        """Stop renewing the job's lease but leave it, and the job listed, to lapse.
+
+        For a run that cannot go on (Redis failed under it): once the lease lapses, the
+        reaper re-enqueues the job, as for a worker that died.
+        """
+        with self._lock:
+            self._held.pop(job_id, None)
+
+    def holds(self, job_id: str) -> bool:
+        """Whether this process holds (and renews) the job's lease."""
+        with self._lock:
+            return job_id in self._held
+
     def held(self) -> list[str]:
         """The jobs whose leases this process holds."""
         with self._lock:

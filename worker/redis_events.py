@@ -91,8 +91,11 @@ and each write's fixed cost (a wake-up, a round trip) is worth sharing among mor
 Waited events (an attempt's first delta, the terminal event) never linger.
 """
 
-ACK_TIMEOUT_S = 30.0
-"""The longest a job thread waits for its event to be stored (Redis has its own timeouts)."""
+ACK_WARN_S = 30.0
+"""How often a job thread waiting for its event to be stored says it still waits."""
+
+OUTAGE_RETRY_MAX_S = 1.0
+"""The longest pause between two tries of a batch while Redis does not answer."""
 
 
 class LeaseLost(Exception):
@@ -216,11 +219,32 @@ class EventWriter:
         live = [b for b in batches.values() if b.events and b.sink.failure is None]
         if not live:
             return
-        for batch, reply in zip(live, self._send(live), strict=True):
+        for batch, reply in zip(live, self._send_through_outage(live), strict=True):
             if reply == -1:
                 batch.sink.fail(LeaseLost(f"job {batch.sink.job_id}: the lease moved elsewhere"))
             elif isinstance(reply, bytes):
                 batch.sink.fail(redis.ResponseError(reply.decode(errors="replace")))
+
+    def _send_through_outage(self, live: list[_Batch]) -> list[Any]:
+        """Send the batch until Redis takes it: an outage is waited out, never a loss.
+
+        The batch keeps its seqs, and the script skips what is stored already, so a try
+        whose reply was lost is not appended twice. A run whose lease lapsed meanwhile
+        learns it from the reply (LeaseLost); its job is another worker's by then.
+        """
+        pause = 0.05
+        next_warning = 0.0
+        while True:
+            try:
+                return self._send(live)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if time.monotonic() >= next_warning:
+                    log.warning(
+                        "writing events: Redis does not answer (%s); retrying", type(exc).__name__
+                    )
+                    next_warning = time.monotonic() + ACK_WARN_S
+                time.sleep(pause)
+                pause = min(pause * 2, OUTAGE_RETRY_MAX_S)
 
     @retry_redis_blips
     def _send(self, live: list[_Batch]) -> list[Any]:
@@ -336,10 +360,11 @@ class RedisEventLog:
     def _wait(self, item: _Item) -> _Item:
         assert item.done is not None
         self._writer.submit(item)
-        if not item.done.wait(ACK_TIMEOUT_S):
-            raise redis.TimeoutError(
-                f"job {self.job_id}: events not stored within {ACK_TIMEOUT_S}s"
-            )
+        waited = 0.0
+        while not item.done.wait(ACK_WARN_S):
+            # The writer tries until Redis takes the events (or refuses them: LeaseLost).
+            waited += ACK_WARN_S
+            log.warning("job %s: events not stored after %.0fs; still trying", self.job_id, waited)
         self._raise_failure()
         return item
 

@@ -39,7 +39,7 @@ from worker.agents import Agent
 from worker.clock import CancelToken, Clock, Deadline
 from worker.control import CancelListener
 from worker.cooldown import Pin, PinAtStart
-from worker.errors import InvalidJob, JobError, RelieverError, UnknownAgent
+from worker.errors import InternalError, InvalidJob, JobError, RelieverError, UnknownAgent
 from worker.events import TERMINAL_TYPES, Event, EventSink, result_of
 from worker.jobs import JOB_ID_PATTERN, Job, parse_job
 from worker.keys import Keys
@@ -49,6 +49,13 @@ from worker.redis_events import LeaseLost, RedisEventLog
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+"""Redis did not answer: an outage to wait out or leave to the reaper, never a job's end."""
+OUTAGE_RETRY_MAX_S = 1.0
+"""The longest pause between two tries to start a job while Redis does not answer."""
+OUTAGE_WARN_S = 30.0
+"""How often a job waiting for Redis says so."""
 
 _JOB_ID = re.compile(JOB_ID_PATTERN)
 
@@ -160,9 +167,7 @@ class Service:
         # published from here on reaches the token, and one published before is in the key.
         self.cancels.register(job_id, cancel)
         try:
-            lease = self.leases.acquire(
-                job_id, message, on_lost=cancel.cancel, read_key=rt.keys.cooldown(agent.name)
-            )
+            lease = self._acquire(job_id, message, cancel, rt.keys.cooldown(agent.name))
             if lease is None:
                 log.info("job %s is running elsewhere; dropping this delivery", job_id)
                 return None
@@ -171,14 +176,71 @@ class Service:
                 return None
             if lease.cancelled:
                 cancel.cancel()
-            try:
-                return self._run(job, agent, lease, cancel, progress)
-            finally:
-                self.leases.release(job_id, lease.token)
-                with self._released:
-                    self._released.notify_all()
+            return self._run_leased(job, agent, lease, cancel, progress)
         finally:
             self.cancels.unregister(job_id, cancel)
+
+    def _acquire(
+        self, job_id: str, message: dict[str, Any], cancel: CancelToken, read_key: str
+    ) -> Lease | None:
+        """Take the job's lease, waiting out a Redis outage.
+
+        The job's message stays unacknowledged meanwhile, so nothing is lost whatever
+        happens to this process. A try whose reply was lost may have taken the lease: the
+        next try then finds it held and drops this delivery, and that lease, renewed by
+        nobody, lapses, so the reaper re-enqueues the job.
+        """
+        pause = 0.05
+        next_warning = 0.0
+        while True:
+            try:
+                return self.leases.acquire(
+                    job_id, message, on_lost=cancel.cancel, read_key=read_key
+                )
+            except REDIS_ERRORS as exc:
+                if time.monotonic() >= next_warning:
+                    log.warning(
+                        "job %s: Redis does not answer (%s); waiting to start it",
+                        job_id,
+                        type(exc).__name__,
+                    )
+                    next_warning = time.monotonic() + OUTAGE_WARN_S
+                time.sleep(pause)
+                pause = min(pause * 2, OUTAGE_RETRY_MAX_S)
+
+    def _run_leased(
+        self,
+        job: Job,
+        agent: Agent,
+        lease: Lease,
+        cancel: CancelToken,
+        progress: Progress | None,
+    ) -> dict[str, Any] | None:
+        """Run the job under its lease; release the lease once the job ended or moved on.
+
+        Redis failing under the run leaves the job to the reaper: the lease is no longer
+        renewed, but not released, so it lapses with the job still listed as running, and
+        the job is re-enqueued within a lease TTL plus a reap interval. A job is never
+        let go without a terminal event in its log.
+        """
+        job_id = job.job_id
+        try:
+            result = self._run(job, agent, lease, cancel, progress)
+        except REDIS_ERRORS as exc:
+            self.leases.abandon(job_id)
+            log.warning(
+                "job %s: Redis failed under the run (%s); it will be re-enqueued once its "
+                "lease lapses",
+                job_id,
+                type(exc).__name__,
+            )
+            return None
+        finally:
+            if self.leases.holds(job_id):
+                self.leases.release(job_id, lease.token)
+            with self._released:
+                self._released.notify_all()
+        return result
 
     def _run(
         self,
@@ -195,20 +257,15 @@ class Service:
             ended = self._ended(job_id, lease)
             if ended is not None:
                 return ended
-            sink = RedisEventLog(
-                rt.redis,
-                rt.keys,
-                job_id,
-                rt.clock,
-                ttl_s=rt.settings.event_ttl,
-                lease_token=lease.token,
-                flush_window_s=rt.settings.delta_flush_ms / 1000.0,
-                last_seq=lease.last_seq,
-            )
-            attempts_so_far = 0
-            if sink.last_seq > 0:
-                attempts_so_far = self._attempts_so_far(job_id)
-                sink.emit({"type": "restarted", "discard": True})
+            try:
+                sink, first_n, deadline = self._start(job, lease)
+            except REDIS_ERRORS:
+                raise
+            except Exception:
+                # A bug before the chain began: the job still ends, once, fenced by the
+                # lease; the traceback goes on to the logs and Sentry.
+                self._fail_internal(job_id, lease)
+                raise
             events: EventSink = sink if progress is None else ProgressSink(sink, progress)
             events = observe(events, agent, rt.clock)
             outcome = rt.executor.run(
@@ -216,8 +273,8 @@ class Service:
                 agent,
                 events,
                 cancel=cancel,
-                deadline=self._deadline(job),
-                first_n=attempts_so_far,
+                deadline=deadline,
+                first_n=first_n,
                 pin_at_start=PinAtStart(
                     None if lease.read_value is None else Pin.from_json(lease.read_value)
                 ),
@@ -229,6 +286,42 @@ class Service:
         except LeaseLost:
             log.warning("job %s: another worker took it over; this run stops", job_id)
             return None
+
+    def _start(self, job: Job, lease: Lease) -> tuple[RedisEventLog, int, Deadline | None]:
+        """The run's event sink, the attempts a lost run published, and the deadline.
+
+        A job that published before (a rerun) says ``restarted`` first.
+        """
+        rt = self.runtime
+        sink = RedisEventLog(
+            rt.redis,
+            rt.keys,
+            job.job_id,
+            rt.clock,
+            ttl_s=rt.settings.event_ttl,
+            lease_token=lease.token,
+            flush_window_s=rt.settings.delta_flush_ms / 1000.0,
+            last_seq=lease.last_seq,
+        )
+        first_n = 0
+        if sink.last_seq > 0:
+            first_n = self._attempts_so_far(job.job_id)
+            sink.emit({"type": "restarted", "discard": True})
+        return sink, first_n, self._deadline(job)
+
+    def _fail_internal(self, job_id: str, lease: Lease) -> None:
+        rt = self.runtime
+        sink = RedisEventLog(
+            rt.redis,
+            rt.keys,
+            job_id,
+            rt.clock,
+            ttl_s=rt.settings.event_ttl,
+            lease_token=lease.token,
+        )
+        error = InternalError("internal error in the worker")
+        event = sink.emit({"type": "failed", "error": error.info(), "attempts": []})
+        self._store(job_id, result_of(event))
 
     def _ended(self, job_id: str, lease: Lease) -> dict[str, Any] | None:
         """The result of a job that already ended (read with the lease).
