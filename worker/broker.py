@@ -1,4 +1,5 @@
-"""kombu's Redis transport, with one Redis client per channel instead of one per command.
+"""kombu's Redis transport, with one Redis client per channel instead of one per command,
+and every popped message vetted before kombu decodes it.
 
 kombu builds a new ``redis.Redis`` for every command it sends outside its polling loop:
 the unacked entry of each delivered task, each task event, each ack, and on the enqueuing
@@ -23,6 +24,8 @@ import kombu.transport
 import redis
 from kombu.transport import redis as kombu_redis
 
+from worker.dead import vet_envelope
+
 TRANSPORT = "worker.broker:Transport"
 """The transport's name in kombu's alias table."""
 SCHEMES = ("redis", "rediss")
@@ -31,6 +34,10 @@ SCHEMES = ("redis", "rediss")
 
 POOL_TIMEOUT_S = 10.0
 """The longest a command outside the polling loop waits for a free broker connection."""
+
+MAX_MESSAGE_BYTES = "reliever_max_message_bytes"
+"""The transport option bounding a message popped from the queue (``celery_config``)."""
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
 class Channel(kombu_redis.Channel):
@@ -43,6 +50,25 @@ class Channel(kombu_redis.Channel):
     """
 
     _shared_client: Any = None
+
+    def _create_client(self, asynchronous: bool = False) -> Any:
+        # mypy does not see kombu's _create_client (kombu defines it, untyped).
+        client = super()._create_client(asynchronous=asynchronous)  # type: ignore[misc]
+        if asynchronous:
+            # The consumer's client: every popped message is vetted before kombu decodes
+            # it, so no message can raise out of the consumer's loop (worker.dead).
+            client.set_response_callback("BRPOP", self._vetted_brpop)
+        return client
+
+    def _vetted_brpop(self, response: Any, **_: Any) -> Any:
+        if not response:
+            return None
+        dest, item = response
+        queue = (dest.decode() if isinstance(dest, bytes) else str(dest)).rsplit(self.sep, 1)[0]
+        client = self.connection.client
+        options = (client.transport_options if client is not None else None) or {}
+        max_bytes = int(options.get(MAX_MESSAGE_BYTES, DEFAULT_MAX_MESSAGE_BYTES))
+        return dest, vet_envelope(item, queue, max_bytes)
 
     def _get_pool(self, asynchronous: bool = False) -> Any:
         # mypy does not see kombu's _get_pool (kombu defines it, untyped), nor types
@@ -66,8 +92,7 @@ class Channel(kombu_redis.Channel):
         pool = self.pool
         shared = self._shared_client
         if shared is None or shared.connection_pool is not pool:
-            # mypy does not see kombu's _create_client (kombu defines it, untyped).
-            shared = self._shared_client = self._create_client()  # type: ignore[attr-defined]
+            shared = self._shared_client = self._create_client()
         yield shared
 
 

@@ -41,6 +41,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         **visibility,
         "unacked_restore_interval": settings.unacked_restore_interval_s,
         "unacked_restore_throttle": 1,
+        # Well above a job at its size limit (base64 in kombu's envelope, with Celery's
+        # headers), so that such a job still ends with `invalid_job` naming its size.
+        broker.MAX_MESSAGE_BYTES: 4 * settings.max_job_bytes + 64 * 1024,
     }
     return {
         "broker_url": settings.broker_url,

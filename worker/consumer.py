@@ -17,6 +17,9 @@ from celery.worker import loops
 from celery.worker import state as worker_state
 from celery.worker.consumer import Consumer
 
+from worker.broker import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES
+from worker.dead import TASK_NAME, DeadLetter, letter_for, vet
+
 logger = logging.getLogger(__name__)
 
 DRAIN_WAIT_S = 0.05
@@ -139,3 +142,59 @@ class PromptConsumer(Consumer):
         except Exception:
             # The flusher serves every later event too: log, and go on.
             logger.exception("task events could not be sent")
+
+    def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Any], Any]:
+        """Celery's handler of a received message, behind :func:`worker.dead.vet`.
+
+        A message that cannot run is dead-lettered and acknowledged instead of reaching
+        Celery, and nothing a message holds can raise out of the consumer's loop: an
+        unexpected error building Celery's request dead-letters the message too.
+        """
+        handle = super().create_task_handler(*args, **kwargs)
+        connection_errors: tuple[type[BaseException], ...] = tuple(
+            getattr(self, "connection_errors", ())
+        )
+        max_bytes = int(
+            self.app.conf.broker_transport_options.get(MAX_MESSAGE_BYTES, DEFAULT_MAX_MESSAGE_BYTES)
+        )
+
+        def on_task_received(message: Any) -> Any:
+            letter = vet(message, max_bytes)
+            if letter is None:
+                try:
+                    return handle(message)
+                except connection_errors:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the loop serves every later message
+                    detail = f"Celery could not take the message ({type(exc).__name__})"
+                    letter = letter_for(message, "unrunnable", detail)
+            self.dead_letter(message, letter)
+            return None
+
+        return on_task_received
+
+    def dead_letter(self, message: Any, letter: DeadLetter) -> None:
+        """Record ``letter`` (through the task's service) and acknowledge its message."""
+        try:
+            task: Any = self.app.tasks[TASK_NAME]
+            task.service.dead_letter(letter)
+        except Exception:
+            logger.exception(
+                "a broker message could not be dead-lettered (reason %s); dropping it",
+                letter.reason,
+            )
+        message.ack()
+
+    def on_unknown_message(self, body: Any, message: Any) -> None:
+        self.dead_letter(message, letter_for(message, "bad_envelope", "the message names no task"))
+
+    def on_unknown_task(self, body: Any, message: Any, exc: Any) -> None:
+        self.dead_letter(message, letter_for(message, "unknown_task", "the task is not known"))
+
+    def on_invalid_task(self, body: Any, message: Any, exc: Any) -> None:
+        detail = f"Celery refused the message ({type(exc).__name__})"
+        self.dead_letter(message, letter_for(message, "content_disallowed", detail))
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        detail = f"the message cannot be decoded ({type(exc).__name__})"
+        self.dead_letter(message, letter_for(message, "undecodable", detail))

@@ -7,7 +7,8 @@ The tree::
     │                             refuses to start (a job meeting one later ends with it)
     ├── JobError                  the job itself is unusable; never retried
     │   ├── InvalidJob            kind=invalid_job (names the field)
-    │   └── UnknownAgent          kind=unknown_agent
+    │   ├── UnknownAgent          kind=unknown_agent
+    │   └── InvalidMessage        kind=invalid_message: a broker message no worker can run
     ├── ProviderError             one failed attempt on one model
     │   ├── RetryableError        kind=retryable: 408/500/502/503/504/529, connect errors,
     │   │   │                     a stream that broke or ended without its end marker
@@ -79,6 +80,13 @@ class UnknownAgent(JobError):
     """The job names an agent the agents file does not define."""
 
     kind = "unknown_agent"
+
+
+class InvalidMessage(JobError):
+    """The broker message carrying the job cannot be run (undecodable, wrong shape, unknown
+    task): it went to the dead-letter list, and its job, if an id could be read, ends."""
+
+    kind = "invalid_message"
 
 
 class ProviderError(RelieverError):

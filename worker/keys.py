@@ -15,6 +15,7 @@ key                       type        what
 ``{p}:running``           hash        job id -> the job, for re-enqueueing lost jobs
 ``{p}:result:{job}``      string      the job's result (JSON), TTL = result expiry
 ``{p}:deadline:{job}``    string      the job's deadline (epoch s), fixed by its first run
+``{p}:dead``              list        broker messages no worker can run (worker.dead)
 ========================  ==========  ================================================
 
 Pub/sub channels ignore Redis database numbers, so the prefix is what keeps two
@@ -59,3 +60,6 @@ class Keys:
 
     def deadline(self, job_id: str) -> str:
         return f"{self.prefix}:deadline:{job_id}"
+
+    def dead(self) -> str:
+        return f"{self.prefix}:dead"

@@ -197,6 +197,19 @@ class Leases:
         on_lost()
         return bool(deleted)
 
+    def lock(self, job_id: str) -> str | None:
+        """Take the job's lease briefly, without listing it as running (nobody renews it):
+        for ending a job that never ran. None when a run holds it."""
+        token = uuid.uuid4().hex
+        taken = self._redis.set(
+            self._keys.lease(job_id), token, nx=True, px=round(self.ttl_s * 1000)
+        )
+        return token if taken else None
+
+    def unlock(self, job_id: str, token: str) -> None:
+        """Give back a lease taken with :meth:`lock`."""
+        self._release(keys=[self._keys.lease(job_id), self._keys.running()], args=[token, job_id])
+
     def abandon(self, job_id: str) -> None:
         """Stop renewing the job's lease but leave it, and the job listed, to lapse.
 

@@ -18,6 +18,7 @@ reliever_time_to_first_delta_seconds       histogram  agent, model
 reliever_job_duration_seconds              histogram  agent, model, status
 reliever_active_jobs                       gauge      agent
 reliever_tokens_total                      counter    agent, model, type
+reliever_dead_letters_total                counter    reason
 =========================================  =========  =======================================
 
 ``outcome`` is ``ok`` or the attempt's error kind; a job's ``status`` is ``completed``,
@@ -121,6 +122,12 @@ class Metrics:
             "reliever_tokens",
             "Tokens used, failed attempts included (type input or output).",
             ["agent", "model", "type"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "reliever_dead_letters",
+            "Broker messages no worker can run, acknowledged into the dead-letter list.",
+            ["reason"],
             registry=r,
         )
 

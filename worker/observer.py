@@ -52,6 +52,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from worker.agents import Agent, ModelRef
 from worker.chain import arms_cooldown
 from worker.clock import Clock
+from worker.dead import DeadLetter
 from worker.errors import JobError
 from worker.events import Event, EventSink
 from worker.metrics import Metrics
@@ -97,6 +98,21 @@ def observe_rejected(job_id: str, error: JobError, telemetry: Telemetry | None =
     if field_name is not None:
         fields["field"] = field_name
     log.info("job rejected", extra={FIELDS: fields})
+
+
+def observe_dead_letter(letter: DeadLetter, telemetry: Telemetry | None = None) -> None:
+    """Count and log a broker message that went to the dead-letter list (never its body)."""
+    t = telemetry or process_telemetry()
+    t.metrics.dead_letters.labels(reason=letter.reason).inc()
+    fields: dict[str, Any] = {
+        "reason": letter.reason,
+        "detail": letter.detail,
+        "task_id": letter.task_id,
+        "job_id": letter.job_id,
+        "queue": letter.queue,
+        "size": len(letter.raw) if letter.size is None else letter.size,
+    }
+    log.warning("broker message dead-lettered", extra={FIELDS: fields})
 
 
 @dataclass(slots=True)

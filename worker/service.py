@@ -39,12 +39,20 @@ from worker.agents import Agent
 from worker.clock import CancelToken, Clock, Deadline
 from worker.control import CancelListener
 from worker.cooldown import Pin, PinAtStart
-from worker.errors import InternalError, InvalidJob, JobError, RelieverError, UnknownAgent
+from worker.dead import DeadLetter, record
+from worker.errors import (
+    InternalError,
+    InvalidJob,
+    InvalidMessage,
+    JobError,
+    RelieverError,
+    UnknownAgent,
+)
 from worker.events import TERMINAL_TYPES, Event, EventSink, result_of
 from worker.jobs import JOB_ID_PATTERN, Job, parse_job
 from worker.keys import Keys
 from worker.lease import Lease, Leases
-from worker.observer import observe, observe_rejected
+from worker.observer import observe, observe_dead_letter, observe_rejected
 from worker.redis_events import LeaseLost, RedisEventLog
 from worker.runtime import Runtime
 
@@ -364,6 +372,33 @@ class Service:
         )
         at_epoch = mine if earlier is None else float(earlier)
         return Deadline(rt.clock, rt.clock.monotonic() + (at_epoch - rt.clock.time()))
+
+    def dead_letter(self, letter: DeadLetter) -> None:
+        """Record a broker message no worker can run; end its job if an id was readable."""
+        rt = self.runtime
+        observe_dead_letter(letter)
+        record(rt.redis, rt.keys, letter, rt.clock.time())
+        job_id = letter.fail_id
+        if job_id is not None:
+            self._fail_unstarted(job_id, InvalidMessage(f"the broker message: {letter.detail}"))
+
+    def _fail_unstarted(self, job_id: str, error: JobError) -> None:
+        """End a job that never ran with ``failed``; leave a job that ran (or runs) alone:
+        a broken copy of its message changes nothing of it."""
+        rt = self.runtime
+        token = self.leases.lock(job_id)
+        if token is None:
+            return
+        try:
+            if rt.redis.exists(rt.keys.seq(job_id), rt.keys.result(job_id)):
+                return
+            sink = RedisEventLog(
+                rt.redis, rt.keys, job_id, rt.clock, ttl_s=rt.settings.event_ttl, lease_token=token
+            )
+            event = sink.emit({"type": "failed", "error": error.info(), "attempts": []})
+            self._store(job_id, result_of(event))
+        finally:
+            self.leases.unlock(job_id, token)
 
     def _reject(self, job_id: str, error: JobError) -> dict[str, Any]:
         rt = self.runtime
