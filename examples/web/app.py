@@ -119,7 +119,7 @@ async def sse_stream(
     last_id: Any = "0-0"
     quiet_since = time.monotonic()
     while True:
-        reply = await client.xread({stream: last_id}, count=_BATCH, block=block_ms)
+        reply: Any = await client.xread({stream: last_id}, count=_BATCH, block=block_ms)
         if not reply:
             if time.monotonic() - quiet_since >= idle_s:
                 return
@@ -140,7 +140,7 @@ async def sse_stream(
 
 async def _already_ended(client: aredis.Redis, stream: str, after_seq: int) -> bool:
     """True when the reader has the job's terminal event already."""
-    newest = await client.xrevrange(stream, count=1)
+    newest: Any = await client.xrevrange(stream, count=1)
     if not newest:
         return False
     _entry_id, fields = newest[0]
