@@ -3,18 +3,23 @@
 Both are real subprocesses started as the Procfile starts them (``celery -A worker
 worker``, ``python -m examples.web``); the upstream is the test session's mock. The
 agent is ``demo`` with the demo's model names, scripted per test through the mock.
+:func:`submit` and :func:`read_events` are the HTTP steps the web tests share.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import httpx
 import redis
+from httpx_sse import connect_sse
 
 from settings import Settings
 from tests.http_support import free_port, running_service
@@ -101,3 +106,34 @@ def running_web_stack(workdir: Path, redis_url: str, mock: MockLLM) -> Iterator[
         for key in client.scan_iter(match=f"{prefix}:*"):
             client.delete(key)
         client.close()
+
+
+def submit(http: httpx.Client, prompt: str = "Hello from the relay test") -> str:
+    response = http.post("/chat", json={"prompt": prompt})
+    assert response.status_code == 202, response.text
+    job_id: str = response.json()["job_id"]
+    assert response.json()["events"] == f"/chat/{job_id}/events"
+    return job_id
+
+
+def read_events(
+    http: httpx.Client,
+    job_id: str,
+    *,
+    headers: dict[str, str] | None = None,
+    params: dict[str, str] | None = None,
+    stop_after: int = 0,
+) -> list[tuple[str, dict[str, Any]]]:
+    """(SSE id, event) pairs to the end of the stream, or the first ``stop_after`` of them."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    with connect_sse(
+        http, "GET", f"/chat/{job_id}/events", headers=headers or {}, params=params or {}
+    ) as source:
+        assert source.response.headers["content-type"].startswith("text/event-stream")
+        for sse in source.iter_sse():
+            if not sse.data:
+                continue  # the `retry:` field alone: browsers dispatch no event for it
+            out.append((sse.id, json.loads(sse.data)))
+            if stop_after and len(out) == stop_after:
+                break
+    return out

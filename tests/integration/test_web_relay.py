@@ -6,15 +6,21 @@ what the relay sends, and from where it resumes.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-from httpx_sse import connect_sse
 
-from tests.web_support import AGENT, BACKUP, PRIMARY, WebStack, running_web_stack
+from tests.web_support import (
+    AGENT,
+    BACKUP,
+    PRIMARY,
+    WebStack,
+    read_events,
+    running_web_stack,
+    submit,
+)
 from worker.mockllm import MockLLM, Reply, Status
 
 ANSWER = " ".join(f"tok{i}" for i in range(12))
@@ -33,37 +39,6 @@ def http(web: WebStack, mock: MockLLM) -> Iterator[httpx.Client]:
     web.reset_cooldown()
     with httpx.Client(base_url=web.url, timeout=httpx.Timeout(10, read=30)) as client:
         yield client
-
-
-def submit(http: httpx.Client, prompt: str = "Hello from the relay test") -> str:
-    response = http.post("/chat", json={"prompt": prompt})
-    assert response.status_code == 202, response.text
-    job_id: str = response.json()["job_id"]
-    assert response.json()["events"] == f"/chat/{job_id}/events"
-    return job_id
-
-
-def read_events(
-    http: httpx.Client,
-    job_id: str,
-    *,
-    headers: dict[str, str] | None = None,
-    params: dict[str, str] | None = None,
-    stop_after: int = 0,
-) -> list[tuple[str, dict[str, Any]]]:
-    """(SSE id, event) pairs to the end of the stream, or the first ``stop_after`` of them."""
-    out: list[tuple[str, dict[str, Any]]] = []
-    with connect_sse(
-        http, "GET", f"/chat/{job_id}/events", headers=headers or {}, params=params or {}
-    ) as source:
-        assert source.response.headers["content-type"].startswith("text/event-stream")
-        for sse in source.iter_sse():
-            if not sse.data:
-                continue  # the `retry:` field alone: browsers dispatch no event for it
-            out.append((sse.id, json.loads(sse.data)))
-            if stop_after and len(out) == stop_after:
-                break
-    return out
 
 
 def test_web_chat_relays_every_event_with_seq_as_id_until_the_terminal_one(
