@@ -2,7 +2,8 @@
 
 Routes:
 
-- ``GET /``: the chat page (``index.html``, plain JavaScript with ``EventSource``).
+- ``GET /``: the chat page (``index.html``; its script and style are ``/static/app.js``
+  and ``/static/app.css``, plain JavaScript with ``EventSource``).
 - ``POST /chat`` ``{"prompt": "..."}``: submits a job to the configured agent and answers
   ``202 {"job_id", "events"}``.
 - ``GET /chat/{job_id}/events``: the job's events as Server-Sent Events, read from its
@@ -18,6 +19,9 @@ Routes:
 
 Submitting and cancelling use the synchronous :class:`worker.client.Client` in Starlette's
 thread pool; only the relay, which lives as long as a job, is asyncio.
+
+Every response carries :data:`SECURITY_HEADERS` (a Content-Security-Policy that allows the
+app's own files only, no framing, no MIME sniffing, no referrer).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
 from starlette.responses import (
     HTMLResponse,
@@ -47,7 +52,9 @@ from starlette.responses import (
     Response,
     StreamingResponse,
 )
-from starlette.routing import Route
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from settings import Settings
 from worker.client import Client
@@ -59,9 +66,21 @@ from worker.keys import Keys
 log = logging.getLogger("reliever.web")
 
 PAGE = Path(__file__).with_name("index.html")
+STATIC = Path(__file__).with_name("static")
 _JOB_ID = re.compile(JOB_ID_PATTERN)
 _BLOCK_MS = 5000
 _BATCH = 500
+
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+    "frame-ancestors 'none'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 
 
 class WebSettings(BaseSettings):
@@ -148,8 +167,36 @@ async def _already_ended(client: aredis.Redis, stream: str, after_seq: int) -> b
     return event["type"] in TERMINAL_TYPES and int(fields[b"s"]) <= after_seq
 
 
-def create_app(settings: Settings | None = None, web: WebSettings | None = None) -> Starlette:
-    """The ASGI app; ``settings`` and ``web`` default to the ones read from the environment."""
+class Protect:
+    """ASGI middleware around the whole app: :data:`SECURITY_HEADERS` on every response.
+
+    It wraps Starlette itself rather than sitting in its middleware list, so the 500s of
+    Starlette's outermost error handler get the headers too.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    headers[name] = value
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def create_app(settings: Settings | None = None, web: WebSettings | None = None) -> ASGIApp:
+    """The ASGI app: Starlette inside :class:`Protect`.
+
+    ``settings`` and ``web`` default to the ones read from the environment.
+    """
     settings = settings or Settings()
     web = web or WebSettings()
     keys = Keys(settings.key_prefix)
@@ -228,13 +275,15 @@ def create_app(settings: Settings | None = None, web: WebSettings | None = None)
         log.info("cancel requested for job %s", job_id)
         return JSONResponse({"job_id": job_id, "cancel": "requested"}, status_code=202)
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/", index),
             Route("/healthz", health),
+            Mount("/static", StaticFiles(directory=STATIC), name="static"),
             Route("/chat", chat, methods=["POST"]),
             Route("/chat/{job_id}/events", events),
             Route("/chat/{job_id}/cancel", cancel, methods=["POST"]),
         ],
         lifespan=lifespan,
     )
+    return Protect(app)

@@ -55,6 +55,20 @@ def page(browser: Any, web: WebStack, mock: MockLLM) -> Iterator[Any]:
     context.close()
 
 
+# Records every Content-Security-Policy violation in the page, from before its own script runs.
+CSP_RECORDER = """
+window.cspViolations = [];
+document.addEventListener("securitypolicyviolation", (e) => {
+  window.cspViolations.push(e.effectiveDirective + " " + e.blockedURI);
+});
+"""
+INLINE_SCRIPT = """() => {
+  const script = document.createElement("script");
+  script.textContent = "window.inlineRan = true";
+  document.body.append(script);
+}"""
+
+
 def ask(page: Any, prompt: str) -> None:
     page.fill("#prompt", prompt)
     page.click("#send")
@@ -103,6 +117,32 @@ def test_page_streams_tokens_and_names_the_model(page: Any, mock: MockLLM) -> No
     assert len(timeline(page, "completed")) == 1
     assert page.locator("li.corrected").count() == 0
     assert page.is_disabled("#cancel")
+
+
+def test_page_works_under_its_content_security_policy(
+    page: Any, web: WebStack, mock: MockLLM
+) -> None:
+    """The page submits, streams and finishes under its CSP without a single violation;
+    an inline script, which the policy forbids, is refused and recorded as one."""
+    mock.script(PRIMARY, [Reply(text=ANSWER, delay_s=0.02)])
+    console: list[str] = []
+    page.on("console", lambda message: console.append(message.text))
+    page.context.add_init_script(CSP_RECORDER)
+    response = page.goto(web.url)
+    assert "default-src 'self'" in response.headers["content-security-policy"]
+
+    ask(page, "Does the page keep to its policy?")
+    wait_state(page, "completed")
+    violations = page.evaluate("() => window.cspViolations")
+    console_while_working = list(console)
+    page.evaluate(INLINE_SCRIPT)
+    page.wait_for_function("() => window.cspViolations.length > 0")
+
+    assert violations == []
+    assert not [text for text in console_while_working if "Content Security Policy" in text]
+    assert page.text_content("#answer") == ANSWER
+    assert page.evaluate("() => window.inlineRan") is None
+    assert page.evaluate("() => window.cspViolations") == ["script-src-elem inline"]
 
 
 def test_page_shows_retries_and_fallback_and_drops_discarded_text(

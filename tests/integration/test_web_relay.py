@@ -160,10 +160,14 @@ def test_web_rejects_bad_requests(
 
 
 def test_web_page_names_the_agent(http: httpx.Client) -> None:
-    """GET / serves the chat page for the configured agent."""
+    """GET / serves the chat page for the configured agent; its script is a static file."""
     page = http.get("/")
+    script = http.get("/static/app.js")
 
     assert page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")
     assert f'<b id="agent">{AGENT}</b>' in page.text
-    assert "new EventSource(" in page.text
+    assert '<script src="/static/app.js"></script>' in page.text
+    assert script.status_code == 200
+    assert script.headers["content-type"].startswith("text/javascript")
+    assert "new EventSource(" in script.text
