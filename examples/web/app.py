@@ -21,7 +21,9 @@ Submitting and cancelling use the synchronous :class:`worker.client.Client` in S
 thread pool; only the relay, which lives as long as a job, is asyncio.
 
 Every response carries :data:`SECURITY_HEADERS` (a Content-Security-Policy that allows the
-app's own files only, no framing, no MIME sniffing, no referrer).
+app's own files only, no framing, no MIME sniffing, no referrer). Every ``POST`` must be
+``application/json`` (else 415) and come from the page's own origin (else 403): see
+:func:`refusal`.
 """
 
 from __future__ import annotations
@@ -31,16 +33,16 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import redis
 import redis.asyncio as aredis
 from kombu.exceptions import OperationalError
-from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
@@ -68,6 +70,7 @@ log = logging.getLogger("reliever.web")
 PAGE = Path(__file__).with_name("index.html")
 STATIC = Path(__file__).with_name("static")
 _JOB_ID = re.compile(JOB_ID_PATTERN)
+_ORIGIN = re.compile(r"https?://[^/?#\s]+")
 _BLOCK_MS = 5000
 _BATCH = 500
 
@@ -81,6 +84,8 @@ SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
+# Sec-Fetch-Site values a POST may carry: the page itself, or the user (typed, bookmarked).
+_OWN_FETCH_SITES = ("same-origin", "none")
 
 
 class WebSettings(BaseSettings):
@@ -97,6 +102,26 @@ class WebSettings(BaseSettings):
     stream_idle_s: float = Field(
         600.0, gt=0, description="end a stream after this long without events (it reconnects)"
     )
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="origins the page is served from (comma-separated); unset = the request's Host",
+    )
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part for part in re.split(r"[\s,]+", value) if part]
+        return value
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        normal = [origin.rstrip("/").lower() for origin in origins]
+        for origin in normal:
+            if not _ORIGIN.fullmatch(origin):
+                raise ValueError(f"{origin!r}: expected an origin, scheme://host[:port]")
+        return normal
 
 
 def _last_seq(request: Request) -> int:
@@ -167,15 +192,40 @@ async def _already_ended(client: aredis.Redis, stream: str, after_seq: int) -> b
     return event["type"] in TERMINAL_TYPES and int(fields[b"s"]) <= after_seq
 
 
+def refusal(request: Request, allowed_origins: Sequence[str]) -> Response | None:
+    """The answer to a ``POST`` that must not go on, or None when it may.
+
+    403 when it comes from another origin: ``Origin``, when sent, must be one of
+    ``allowed_origins`` (unset: the origin the request's ``Host`` names), and
+    ``Sec-Fetch-Site``, when sent, must say the page itself (or the user) sent it. A request
+    with neither header comes from a program, not a browser: browsers send ``Origin`` on
+    every ``POST``. 415 unless the body is ``application/json``, which no page can send to
+    another origin without a CORS preflight, and this app answers no preflight.
+    """
+    own = allowed_origins or [f"{request.url.scheme}://{request.headers.get('host', '')}".lower()]
+    origin = request.headers.get("origin")
+    site = request.headers.get("sec-fetch-site")
+    if (origin is not None and origin not in own) or (
+        site is not None and site not in _OWN_FETCH_SITES
+    ):
+        return JSONResponse({"error": "requests from other origins are refused"}, status_code=403)
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        return JSONResponse({"error": "expected Content-Type: application/json"}, status_code=415)
+    return None
+
+
 class Protect:
-    """ASGI middleware around the whole app: :data:`SECURITY_HEADERS` on every response.
+    """ASGI middleware around the whole app: :data:`SECURITY_HEADERS` on every response,
+    and :func:`refusal` for every ``POST``.
 
     It wraps Starlette itself rather than sitting in its middleware list, so the 500s of
     Starlette's outermost error handler get the headers too.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, allowed_origins: Sequence[str]) -> None:
         self.app = app
+        self.allowed_origins = allowed_origins
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -189,7 +239,13 @@ class Protect:
                     headers[name] = value
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+        refused = (
+            refusal(Request(scope), self.allowed_origins) if scope["method"] == "POST" else None
+        )
+        if refused is not None:
+            await refused(scope, receive, send_with_headers)
+        else:
+            await self.app(scope, receive, send_with_headers)
 
 
 def create_app(settings: Settings | None = None, web: WebSettings | None = None) -> ASGIApp:
@@ -286,4 +342,4 @@ def create_app(settings: Settings | None = None, web: WebSettings | None = None)
         ],
         lifespan=lifespan,
     )
-    return Protect(app)
+    return Protect(app, web.allowed_origins)

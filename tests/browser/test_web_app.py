@@ -13,7 +13,9 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,39 @@ INLINE_SCRIPT = """() => {
   script.textContent = "window.inlineRan = true";
   document.body.append(script);
 }"""
+
+
+# What a page on another origin can send without a CORS preflight: a "simple request".
+FORGED_POST = """url => fetch(url, {
+  method: "POST", mode: "no-cors", headers: {"Content-Type": "text/plain"},
+  body: JSON.stringify({prompt: "sent by another site"}),
+}).then(() => "sent")"""
+
+
+class _OtherSite(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b"<!doctype html><title>another site</title><p>Nothing to see here."
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet: the test reads what the browser did, not this server's log."""
+
+
+@pytest.fixture(scope="module")
+def other_origin() -> Iterator[str]:
+    """A page served from another port of this machine: another origin, open in the same
+    browser as the chat page."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _OtherSite)
+    thread = threading.Thread(target=server.serve_forever, name="other-site", daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
 
 
 def ask(page: Any, prompt: str) -> None:
@@ -253,3 +288,28 @@ def test_page_cancel_ends_the_job_cancelled(page: Any, mock: MockLLM) -> None:
     assert 3 <= len(page.text_content("#answer").split()) < 300
     assert page.is_disabled("#cancel")
     assert page.is_enabled("#send")
+
+
+def test_page_on_another_origin_cannot_submit_or_cancel(
+    page: Any, web: WebStack, mock: MockLLM, other_origin: str
+) -> None:
+    """While the visitor's job streams, a page on another origin in the same browser posts
+    what it can post without a preflight (text/plain, no-cors) to submit a job and to
+    cancel the visitor's: the app answers both 403, and the visitor's job completes."""
+    mock.script(PRIMARY, [Reply(text=ANSWER, delay_s=0.1)])
+    ask(page, "Only I may cancel this")
+    wait_words(page, 3)
+    job_id = page.evaluate("() => location.hash.slice('#job='.length)")
+    other = page.context.new_page()
+    other.goto(other_origin)
+
+    statuses = {}
+    for path in ("/chat", f"/chat/{job_id}/cancel"):
+        with other.expect_response(f"{web.url}{path}") as response:
+            other.evaluate(FORGED_POST, f"{web.url}{path}")
+        statuses[path] = response.value.status
+    assert statuses == {"/chat": 403, f"/chat/{job_id}/cancel": 403}
+    wait_state(page, "completed")
+
+    assert page.text_content("#answer") == ANSWER
+    assert timeline(page, "failed") == []

@@ -112,7 +112,7 @@ def test_web_cancel_ends_the_stream_failed_cancelled(http: httpx.Client, mock: M
     job_id = submit(http)
     started = read_events(http, job_id, stop_after=4)
 
-    cancelled = http.post(f"/chat/{job_id}/cancel")
+    cancelled = http.post(f"/chat/{job_id}/cancel", json={})
     rest = [e for _i, e in read_events(http, job_id, headers={"Last-Event-ID": "4"})]
 
     assert started[-1][1]["type"] == "delta"
@@ -145,7 +145,7 @@ def test_web_retry_and_fallback_events_reach_the_browser_stream(
         ("POST", "/chat", {"text": "wrong field"}, 400),
         ("POST", "/chat", {"prompt": "x" * 20_001}, 413),
         ("GET", "/chat/bad id!/events", None, 404),
-        ("POST", "/chat/bad id!/cancel", None, 404),
+        ("POST", "/chat/bad id!/cancel", {}, 404),
     ],
     ids=["blank-prompt", "no-prompt", "too-long", "bad-id-events", "bad-id-cancel"],
 )

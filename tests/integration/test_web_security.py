@@ -1,4 +1,5 @@
-"""The example web app's protections over HTTP: security headers on every response.
+"""The example web app's protections over HTTP: JSON-only POSTs from the page's own origin,
+security headers on every response.
 
 The browser's side of the same protections (the page under its CSP) is in
 tests/browser/test_web_app.py.
@@ -6,13 +7,21 @@ tests/browser/test_web_app.py.
 
 from __future__ import annotations
 
+import json
+import sys
+import uuid
 from collections.abc import Iterator
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
+from examples.web.app import WebSettings
+from tests.http_support import free_port, running_service
 from tests.web_support import PRIMARY, WebStack, running_web_stack
 from worker.mockllm import MockLLM, Reply
+
+OWN = "the web app's own origin"
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +74,109 @@ def test_web_sends_security_headers_on_every_response(http: httpx.Client, mock: 
     assert stream.headers["content-type"].startswith("text/event-stream")
     for what, response in responses.items():
         assert_security_headers(response, what)
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None],
+    ids=["text", "form", "multipart", "none"],
+)
+def test_web_refuses_posts_that_are_not_json(
+    http: httpx.Client, web: WebStack, content_type: str | None
+) -> None:
+    """Any page can make a browser POST text, form or multipart bodies to another origin with
+    no preflight: submit and cancel answer them 415, whatever the body says."""
+    job_id = str(uuid.uuid4())
+    body = json.dumps({"prompt": "submitted as a simple request"})
+    headers = {} if content_type is None else {"Content-Type": content_type}
+
+    chat = http.post("/chat", content=body, headers=headers)
+    cancel = http.post(f"/chat/{job_id}/cancel", content=body, headers=headers)
+
+    assert (chat.status_code, cancel.status_code) == (415, 415)
+    assert "error" in chat.json()
+    assert not web.redis.exists(web.keys.cancel(job_id))
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Origin": "http://attacker.example"},
+        {"Origin": "null"},
+        {"Origin": "http://localhost:1"},
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "same-site"},
+        {"Origin": OWN, "Sec-Fetch-Site": "cross-site"},
+    ],
+    ids=["other-site", "opaque", "other-port", "fetch-cross-site", "fetch-same-site", "mixed"],
+)
+def test_web_refuses_posts_from_other_origins(
+    http: httpx.Client, web: WebStack, headers: dict[str, str]
+) -> None:
+    """A JSON POST whose Origin is not the app's, or whose Sec-Fetch-Site says another page
+    sent it, is refused with 403: submit and cancel alike."""
+    sent = {name: web.url if value == OWN else value for name, value in headers.items()}
+    job_id = str(uuid.uuid4())
+
+    chat = http.post("/chat", json={"prompt": "from another origin"}, headers=sent)
+    cancel = http.post(f"/chat/{job_id}/cancel", json={}, headers=sent)
+
+    assert (chat.status_code, cancel.status_code) == (403, 403)
+    assert "error" in chat.json()
+    assert not web.redis.exists(web.keys.cancel(job_id))
+
+
+def test_web_accepts_json_from_its_own_origin(http: httpx.Client, mock: MockLLM) -> None:
+    """What the page sends (JSON, its own Origin, Sec-Fetch-Site: same-origin) and what a
+    program sends (JSON, neither header) are accepted."""
+    mock.script(PRIMARY, [Reply(text="accepted")])
+    page_headers = {"Origin": str(http.base_url).rstrip("/"), "Sec-Fetch-Site": "same-origin"}
+
+    from_page = http.post("/chat", json={"prompt": "from the page"}, headers=page_headers)
+    job_id = from_page.json()["job_id"]
+    cancel = http.post(f"/chat/{job_id}/cancel", json={}, headers=page_headers)
+    from_program = http.post(
+        "/chat",
+        content=json.dumps({"prompt": "from a program"}),
+        headers={"Content-Type": "application/json; charset=utf-8"},
+    )
+
+    assert from_page.status_code == 202
+    assert cancel.status_code == 202
+    assert from_program.status_code == 202
+
+
+def test_web_allowed_origins_replace_the_one_the_host_names(web: WebStack) -> None:
+    """RELIEVER_WEB_ALLOWED_ORIGINS lists the origins the page is served from (a proxy's
+    public origin, say): those are accepted, and the origin the Host header names is not."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        **web.env,
+        "RELIEVER_WEB_ALLOWED_ORIGINS": "https://chat.example.org, http://localhost:8000/",
+    }
+    cmd = [sys.executable, "-m", "examples.web", "--host", "127.0.0.1", "--port", str(port)]
+    prompt = {"prompt": "through the proxy"}
+    with (
+        running_service(cmd, env, ready_url=f"{url}/healthz", name="web app behind a proxy"),
+        httpx.Client(base_url=url, timeout=10) as http,
+    ):
+        public = http.post("/chat", json=prompt, headers={"Origin": "https://chat.example.org"})
+        listed = http.post("/chat", json=prompt, headers={"Origin": "http://localhost:8000"})
+        by_host = http.post("/chat", json=prompt, headers={"Origin": url})
+
+    assert (public.status_code, listed.status_code, by_host.status_code) == (202, 202, 403)
+
+
+def test_web_allowed_origins_setting_is_a_list_of_origins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Comma- or space-separated origins, kept lowercase without a trailing slash; a URL
+    with a path is not an origin and is refused."""
+    monkeypatch.setenv(
+        "RELIEVER_WEB_ALLOWED_ORIGINS", "https://Chat.Example.org/, http://localhost:8000"
+    )
+    parsed = WebSettings(_env_file=None).allowed_origins
+    monkeypatch.setenv("RELIEVER_WEB_ALLOWED_ORIGINS", "https://chat.example.org/app")
+
+    assert parsed == ["https://chat.example.org", "http://localhost:8000"]
+    with pytest.raises(ValidationError, match="expected an origin"):
+        WebSettings(_env_file=None)

@@ -198,7 +198,9 @@ $("prompt").addEventListener("keydown", (e) => {
 $("cancel").addEventListener("click", async () => {
   if (!job) return;
   $("cancel").disabled = true;
-  const response = await fetch("/chat/" + encodeURIComponent(job.id) + "/cancel", { method: "POST" });
+  const response = await fetch("/chat/" + encodeURIComponent(job.id) + "/cancel", {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: "{}",
+  });
   note("note", null, response.ok ? "cancel requested" : "cancel refused: " + response.status, "note");
 });
 
