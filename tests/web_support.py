@@ -9,6 +9,7 @@ agent is ``demo`` with the demo's model names, scripted per test through the moc
 from __future__ import annotations
 
 import json
+import secrets
 import sys
 import uuid
 from collections.abc import Iterator
@@ -83,6 +84,8 @@ def running_web_stack(workdir: Path, redis_url: str, mock: MockLLM) -> Iterator[
         queue_name=f"{prefix}-q",
         agents_file=agents,
         RELIEVER_WEB_AGENT=AGENT,
+        # Shared by every web app started on this stack, so a restarted one knows the sessions.
+        RELIEVER_WEB_SESSION_SECRET=secrets.token_urlsafe(32),
     )
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -1,7 +1,8 @@
 """``python -m examples.web [--host H] [--port P]``: serve the example web app with uvicorn.
 
 The port is ``--port``, else ``RELIEVER_WEB_PORT``, else ``PORT`` (set by Procfile
-runners), else 8000; the agent is ``RELIEVER_WEB_AGENT`` (``demo``).
+runners), else 8000; the agent is ``RELIEVER_WEB_AGENT`` (``demo``). Exits 2, with one
+line, when the app cannot start as configured (no session secret in production).
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = Settings()
     logging.basicConfig(level=settings.log_level, format="%(levelname)s %(name)s: %(message)s")
-    app = create_app(settings, web)
+    try:
+        app = create_app(settings, web)
+    except ValueError as exc:
+        print(f"{parser.prog}: {exc}", file=sys.stderr)
+        return 2
     print(f"reliever web app on http://{args.host}:{args.port} (agent {web.agent!r})", flush=True)
     # Open event streams last as long as their jobs: give them a few seconds on shutdown.
     uvicorn.run(

@@ -23,16 +23,22 @@ thread pool; only the relay, which lives as long as a job, is asyncio.
 Every response carries :data:`SECURITY_HEADERS` (a Content-Security-Policy that allows the
 app's own files only, no framing, no MIME sniffing, no referrer). Every ``POST`` must be
 ``application/json`` (else 415) and come from the page's own origin (else 403): see
-:func:`refusal`.
+:func:`refusal`. A job's events and cancel belong to the browser session that submitted
+it (a signed cookie, :class:`Sessions`); any other request for them gets 404.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import html
 import json
 import logging
 import re
+import secrets
 import time
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -41,7 +47,7 @@ from typing import Annotated, Any
 import redis
 import redis.asyncio as aredis
 from kombu.exceptions import OperationalError
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -71,6 +77,7 @@ PAGE = Path(__file__).with_name("index.html")
 STATIC = Path(__file__).with_name("static")
 _JOB_ID = re.compile(JOB_ID_PATTERN)
 _ORIGIN = re.compile(r"https?://[^/?#\s]+")
+SESSION_COOKIE = "reliever_session"
 _BLOCK_MS = 5000
 _BATCH = 500
 
@@ -102,6 +109,11 @@ class WebSettings(BaseSettings):
     stream_idle_s: float = Field(
         600.0, gt=0, description="end a stream after this long without events (it reconnects)"
     )
+    session_secret: SecretStr | None = Field(
+        None,
+        min_length=32,
+        description="signs session cookies; unset = a random one per process (not in production)",
+    )
     allowed_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="origins the page is served from (comma-separated); unset = the request's Host",
@@ -122,6 +134,55 @@ class WebSettings(BaseSettings):
             if not _ORIGIN.fullmatch(origin):
                 raise ValueError(f"{origin!r}: expected an origin, scheme://host[:port]")
         return normal
+
+
+class Sessions:
+    """Browser sessions: a random id in an ``HttpOnly``, ``SameSite=Strict`` cookie, signed
+    with HMAC-SHA256 so that no one can make up a session or take another's id."""
+
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+
+    def _signature(self, session_id: str) -> bytes:
+        digest = hmac.new(self._secret, session_id.encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).rstrip(b"=")
+
+    def new(self) -> tuple[str, str]:
+        """A new session: its id, and the cookie value that carries it."""
+        session_id = secrets.token_urlsafe(18)
+        return session_id, f"{session_id}.{self._signature(session_id).decode()}"
+
+    def session_id(self, request: Request) -> str | None:
+        """The session the request's cookie carries; None without one or with a forged one."""
+        session_id, dot, signature = request.cookies.get(SESSION_COOKIE, "").partition(".")
+        if not dot or not hmac.compare_digest(signature.encode(), self._signature(session_id)):
+            return None
+        return session_id
+
+    def set_cookie(self, request: Request, response: Response, cookie: str) -> None:
+        """Give the browser its session; ``Secure`` when the request came over HTTPS."""
+        response.set_cookie(
+            SESSION_COOKIE,
+            cookie,
+            path="/",
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+        )
+
+
+def _session_secret(settings: Settings, web: WebSettings) -> bytes:
+    """``RELIEVER_WEB_SESSION_SECRET``; unset, a random one, except in production.
+
+    Raises:
+        ValueError: unset in production, where every instance must sign alike.
+    """
+    if web.session_secret is not None:
+        return web.session_secret.get_secret_value().encode()
+    if settings.environment == "production":
+        raise ValueError("RELIEVER_WEB_SESSION_SECRET must be set in production (32+ characters)")
+    log.warning("RELIEVER_WEB_SESSION_SECRET is unset: sessions end when this process exits")
+    return secrets.token_bytes(32)
 
 
 def _last_seq(request: Request) -> int:
@@ -252,10 +313,14 @@ def create_app(settings: Settings | None = None, web: WebSettings | None = None)
     """The ASGI app: Starlette inside :class:`Protect`.
 
     ``settings`` and ``web`` default to the ones read from the environment.
+
+    Raises:
+        ValueError: no ``RELIEVER_WEB_SESSION_SECRET`` in production.
     """
     settings = settings or Settings()
     web = web or WebSettings()
     keys = Keys(settings.key_prefix)
+    sessions = Sessions(_session_secret(settings, web))
     page = PAGE.read_text(encoding="utf-8").replace("__AGENT__", html.escape(web.agent))
 
     @asynccontextmanager
@@ -267,6 +332,17 @@ def create_app(settings: Settings | None = None, web: WebSettings | None = None)
         finally:
             await app.state.redis.aclose()
             app.state.client.close()
+
+    def owner_key(job_id: str) -> str:
+        return f"{settings.key_prefix}:web:owner:{job_id}"
+
+    async def owned(request: Request, job_id: str) -> bool:
+        """True when the request's session submitted the job."""
+        session_id = sessions.session_id(request)
+        if session_id is None:
+            return False
+        owner = await request.app.state.redis.get(owner_key(job_id))
+        return owner is not None and hmac.compare_digest(owner, session_id.encode())
 
     async def index(request: Request) -> Response:
         return HTMLResponse(page, headers={"Cache-Control": "no-store"})
@@ -285,10 +361,18 @@ def create_app(settings: Settings | None = None, web: WebSettings | None = None)
         if len(prompt) > web.max_prompt_chars:
             limit = web.max_prompt_chars
             return JSONResponse({"error": f"prompt: over {limit} characters"}, status_code=413)
+        session_id = sessions.session_id(request)
+        cookie = None
+        if session_id is None:
+            session_id, cookie = sessions.new()
         client: Client = request.app.state.client
+        job_id = str(uuid.uuid4())
         try:
+            # The owner goes first, so no moment exists when the job is anyone's; when the
+            # submit then fails, the key names a job that never was, until it expires.
+            await request.app.state.redis.set(owner_key(job_id), session_id, ex=settings.event_ttl)
             job = await run_in_threadpool(
-                client.submit, web.agent, [{"role": "user", "content": prompt}]
+                client.submit, web.agent, [{"role": "user", "content": prompt}], job_id=job_id
             )
         except JobError as exc:
             return JSONResponse({"error": str(exc)}, status_code=422)
@@ -296,13 +380,16 @@ def create_app(settings: Settings | None = None, web: WebSettings | None = None)
             log.exception("submitting a job failed")
             return JSONResponse({"error": "reliever is unavailable"}, status_code=503)
         log.info("submitted job %s to agent %s", job.job_id, web.agent)
-        return JSONResponse(
+        response = JSONResponse(
             {"job_id": job.job_id, "events": f"/chat/{job.job_id}/events"}, status_code=202
         )
+        if cookie is not None:
+            sessions.set_cookie(request, response, cookie)
+        return response
 
     async def events(request: Request) -> Response:
         job_id = request.path_params["job_id"]
-        if not _JOB_ID.fullmatch(job_id):
+        if not _JOB_ID.fullmatch(job_id) or not await owned(request, job_id):
             return JSONResponse({"error": "unknown job id"}, status_code=404)
         try:
             after_seq = _last_seq(request)
@@ -324,6 +411,8 @@ def create_app(settings: Settings | None = None, web: WebSettings | None = None)
             return JSONResponse({"error": "unknown job id"}, status_code=404)
         client: Client = request.app.state.client
         try:
+            if not await owned(request, job_id):
+                return JSONResponse({"error": "unknown job id"}, status_code=404)
             await run_in_threadpool(client.cancel, job_id)
         except redis.RedisError:
             log.exception("cancelling job %s failed", job_id)

@@ -295,7 +295,9 @@ def test_page_on_another_origin_cannot_submit_or_cancel(
 ) -> None:
     """While the visitor's job streams, a page on another origin in the same browser posts
     what it can post without a preflight (text/plain, no-cors) to submit a job and to
-    cancel the visitor's: the app answers both 403, and the visitor's job completes."""
+    cancel the visitor's: the app answers both 403 (its Origin is not the app's), and the
+    visitor's job completes. The other page is on the same site as the app (127.0.0.1,
+    another port), which SameSite alone does not tell apart."""
     mock.script(PRIMARY, [Reply(text=ANSWER, delay_s=0.1)])
     ask(page, "Only I may cancel this")
     wait_words(page, 3)

@@ -1,5 +1,6 @@
 """The example web app's protections over HTTP: JSON-only POSTs from the page's own origin,
-security headers on every response.
+a job's events and cancel for the session that submitted it only, security headers on
+every response.
 
 The browser's side of the same protections (the page under its CSP) is in
 tests/browser/test_web_app.py.
@@ -18,7 +19,7 @@ from pydantic import ValidationError
 
 from examples.web.app import WebSettings
 from tests.http_support import free_port, running_service
-from tests.web_support import PRIMARY, WebStack, running_web_stack
+from tests.web_support import PRIMARY, WebStack, read_events, running_web_stack, submit
 from worker.mockllm import MockLLM, Reply
 
 OWN = "the web app's own origin"
@@ -128,7 +129,8 @@ def test_web_refuses_posts_from_other_origins(
 
 def test_web_accepts_json_from_its_own_origin(http: httpx.Client, mock: MockLLM) -> None:
     """What the page sends (JSON, its own Origin, Sec-Fetch-Site: same-origin) and what a
-    program sends (JSON, neither header) are accepted."""
+    program sends (JSON, neither header) are accepted. The first submit starts a session:
+    an HttpOnly, SameSite=Strict cookie that the later requests carry."""
     mock.script(PRIMARY, [Reply(text="accepted")])
     page_headers = {"Origin": str(http.base_url).rstrip("/"), "Sec-Fetch-Site": "same-origin"}
 
@@ -142,8 +144,14 @@ def test_web_accepts_json_from_its_own_origin(http: httpx.Client, mock: MockLLM)
     )
 
     assert from_page.status_code == 202
+    cookie = from_page.headers["set-cookie"]
+    assert cookie.startswith("reliever_session=")
+    assert "httponly" in cookie.lower()
+    assert "samesite=strict" in cookie.lower()
+    assert "path=/" in cookie.lower()
     assert cancel.status_code == 202
     assert from_program.status_code == 202
+    assert "set-cookie" not in from_program.headers
 
 
 def test_web_allowed_origins_replace_the_one_the_host_names(web: WebStack) -> None:
@@ -180,3 +188,43 @@ def test_web_allowed_origins_setting_is_a_list_of_origins(monkeypatch: pytest.Mo
     assert parsed == ["https://chat.example.org", "http://localhost:8000"]
     with pytest.raises(ValidationError, match="expected an origin"):
         WebSettings(_env_file=None)
+
+
+def test_web_events_and_cancel_answer_only_the_submitting_session(
+    http: httpx.Client, web: WebStack, mock: MockLLM
+) -> None:
+    """Another session, no session, or the owner's session id with a made-up signature get
+    404 for a job's events and cancel, exactly as for a job that does not exist, and their
+    cancel does nothing; the session that submitted the job reads its events and cancels it."""
+    mock.script(PRIMARY, [Reply(text=" ".join(["word"] * 200), delay_s=0.05), Reply(text="ok")])
+    job_id = submit(http, "my job")
+    first = read_events(http, job_id, stop_after=3)
+    session_id = http.cookies["reliever_session"].partition(".")[0]
+    unknown = str(uuid.uuid4())
+    answers: dict[str, list[tuple[int, object]]] = {}
+    with (
+        httpx.Client(base_url=web.url, timeout=10) as other_session,
+        httpx.Client(base_url=web.url, timeout=10) as no_session,
+        httpx.Client(
+            base_url=web.url, timeout=10, cookies={"reliever_session": f"{session_id}.forged"}
+        ) as forged,
+    ):
+        submit(other_session, "someone else's job")
+        for name, client in [("other", other_session), ("none", no_session), ("forged", forged)]:
+            events = client.get(f"/chat/{job_id}/events")
+            cancel = client.post(f"/chat/{job_id}/cancel", json={})
+            answers[name] = [(r.status_code, r.json()) for r in (events, cancel)]
+    never_was = http.get(f"/chat/{unknown}/events")
+    stranger_cancelled = web.redis.exists(web.keys.cancel(job_id))
+
+    cancelled = http.post(f"/chat/{job_id}/cancel", json={})
+    rest = [event for _id, event in read_events(http, job_id, headers={"Last-Event-ID": "3"})]
+
+    not_found = {"error": "unknown job id"}
+    assert (never_was.status_code, never_was.json()) == (404, not_found)
+    assert answers == {name: [(404, not_found)] * 2 for name in ("other", "none", "forged")}
+    assert not stranger_cancelled
+    assert first[-1][1]["type"] == "delta"
+    assert cancelled.status_code == 202
+    assert rest[-1]["type"] == "failed"
+    assert rest[-1]["error"]["kind"] == "cancelled"
