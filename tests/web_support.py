@@ -45,9 +45,12 @@ class WebStack:
     def keys(self) -> Keys:
         return Keys(self.prefix)
 
-    def reset_cooldown(self) -> None:
-        """Tests share one agent: a pin left by one test must not move the next one."""
+    def reset(self) -> None:
+        """Tests share one agent and one client address: a cooldown pin or a rate count
+        left by one test must not move or limit the next one."""
         self.redis.delete(self.keys.cooldown(AGENT))
+        for key in self.redis.scan_iter(match=f"{self.prefix}:web:rate:*"):
+            self.redis.delete(key)
 
 
 def demo_agents(mock: MockLLM) -> dict[str, object]:

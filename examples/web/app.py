@@ -24,7 +24,9 @@ Every response carries :data:`SECURITY_HEADERS` (a Content-Security-Policy that 
 app's own files only, no framing, no MIME sniffing, no referrer). Every ``POST`` must be
 ``application/json`` (else 415) and come from the page's own origin (else 403): see
 :func:`refusal`. A job's events and cancel belong to the browser session that submitted
-it (a signed cookie, :class:`Sessions`); any other request for them gets 404.
+it (a signed cookie, :class:`Sessions`); any other request for them gets 404. Submitting
+is limited per session and per client address (:func:`_over_limit`): over it, 429 with
+``Retry-After``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import hmac
 import html
 import json
 import logging
+import math
 import re
 import secrets
 import time
@@ -114,6 +117,9 @@ class WebSettings(BaseSettings):
         min_length=32,
         description="signs session cookies; unset = a random one per process (not in production)",
     )
+    jobs_per_session: int = Field(10, gt=0, description="jobs a session may submit per window")
+    jobs_per_ip: int = Field(30, gt=0, description="jobs a client address may submit per window")
+    rate_window_s: int = Field(60, gt=0, description="the rate limits' fixed window")
     allowed_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="origins the page is served from (comma-separated); unset = the request's Host",
@@ -183,6 +189,29 @@ def _session_secret(settings: Settings, web: WebSettings) -> bytes:
         raise ValueError("RELIEVER_WEB_SESSION_SECRET must be set in production (32+ characters)")
     log.warning("RELIEVER_WEB_SESSION_SECRET is unset: sessions end when this process exits")
     return secrets.token_bytes(32)
+
+
+async def _over_limit(
+    client: aredis.Redis, limits: Sequence[tuple[str, int]], window_s: int
+) -> int:
+    """Count one job against each ``(key, limit)``; seconds until it may be retried, or 0.
+
+    Each key counts in a fixed window of ``window_s`` that starts with its first job (the
+    key's TTL), in one transaction. A refused job counts too, but never lengthens a window.
+    """
+    async with client.pipeline(transaction=True) as pipe:
+        for key, _limit in limits:
+            pipe.set(key, 0, ex=window_s, nx=True)
+            pipe.incr(key)
+            pipe.pttl(key)
+        replies = await pipe.execute()
+    counts, ttls_ms = replies[1::3], replies[2::3]
+    waits_ms = [
+        ttl_ms
+        for (_key, limit), count, ttl_ms in zip(limits, counts, ttls_ms, strict=True)
+        if count > limit
+    ]
+    return math.ceil(max(waits_ms) / 1000) if waits_ms else 0
 
 
 def _last_seq(request: Request) -> int:
@@ -336,6 +365,9 @@ def create_app(settings: Settings | None = None, web: WebSettings | None = None)
     def owner_key(job_id: str) -> str:
         return f"{settings.key_prefix}:web:owner:{job_id}"
 
+    def rate_key(kind: str, who: str) -> str:
+        return f"{settings.key_prefix}:web:rate:{kind}:{who}"
+
     async def owned(request: Request, job_id: str) -> bool:
         """True when the request's session submitted the job."""
         session_id = sessions.session_id(request)
@@ -365,9 +397,21 @@ def create_app(settings: Settings | None = None, web: WebSettings | None = None)
         cookie = None
         if session_id is None:
             session_id, cookie = sessions.new()
+        address = request.client.host if request.client else "unknown"
+        limits = [
+            (rate_key("session", session_id), web.jobs_per_session),
+            (rate_key("ip", address), web.jobs_per_ip),
+        ]
         client: Client = request.app.state.client
         job_id = str(uuid.uuid4())
         try:
+            retry_after = await _over_limit(request.app.state.redis, limits, web.rate_window_s)
+            if retry_after:
+                return JSONResponse(
+                    {"error": "too many jobs: try again later"},
+                    status_code=429,
+                    headers={"Retry-After": str(retry_after)},
+                )
             # The owner goes first, so no moment exists when the job is anyone's; when the
             # submit then fails, the key names a job that never was, until it expires.
             await request.app.state.redis.set(owner_key(job_id), session_id, ex=settings.event_ttl)

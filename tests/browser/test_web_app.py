@@ -48,7 +48,7 @@ def web(
 
 @pytest.fixture
 def page(browser: Any, web: WebStack, mock: MockLLM) -> Iterator[Any]:
-    web.reset_cooldown()
+    web.reset()
     context = browser.new_context(viewport={"width": 960, "height": 600})
     tab = context.new_page()
     tab.set_default_timeout(WAIT_MS)
@@ -243,7 +243,7 @@ def test_page_reconnects_with_last_event_id_when_the_server_restarts(
 ) -> None:
     """When the web app dies mid-stream, EventSource reconnects by itself and the server
     resumes after its Last-Event-ID: no event is shown twice or lost."""
-    web.reset_cooldown()
+    web.reset()
     mock.script(PRIMARY, [Reply(text=ANSWER, delay_s=0.1)])
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -36,7 +36,7 @@ def web(
 
 @pytest.fixture
 def http(web: WebStack, mock: MockLLM) -> Iterator[httpx.Client]:
-    web.reset_cooldown()
+    web.reset()
     with httpx.Client(base_url=web.url, timeout=httpx.Timeout(10, read=30)) as client:
         yield client
 

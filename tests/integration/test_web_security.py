@@ -1,6 +1,6 @@
 """The example web app's protections over HTTP: JSON-only POSTs from the page's own origin,
-a job's events and cancel for the session that submitted it only, security headers on
-every response.
+a job's events and cancel for the session that submitted it only, jobs limited per
+session and per client address, security headers on every response.
 
 The browser's side of the same protections (the page under its CSP) is in
 tests/browser/test_web_app.py.
@@ -35,7 +35,7 @@ def web(
 
 @pytest.fixture
 def http(web: WebStack, mock: MockLLM) -> Iterator[httpx.Client]:
-    web.reset_cooldown()
+    web.reset()
     with httpx.Client(base_url=web.url, timeout=httpx.Timeout(10, read=30)) as client:
         yield client
 
@@ -228,3 +228,33 @@ def test_web_events_and_cancel_answer_only_the_submitting_session(
     assert cancelled.status_code == 202
     assert rest[-1]["type"] == "failed"
     assert rest[-1]["error"]["kind"] == "cancelled"
+
+
+def test_web_limits_jobs_per_session_and_per_address(web: WebStack, mock: MockLLM) -> None:
+    """Over RELIEVER_WEB_JOBS_PER_SESSION (2 here) a session's next submit gets 429 with
+    Retry-After; a new session gets its own count, until the address has used up
+    RELIEVER_WEB_JOBS_PER_IP (4 here): then a session that has used none gets 429 too."""
+    web.reset()
+    mock.script(PRIMARY, [Reply(text="ok")])
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**web.env, "RELIEVER_WEB_JOBS_PER_SESSION": "2", "RELIEVER_WEB_JOBS_PER_IP": "4"}
+    cmd = [sys.executable, "-m", "examples.web", "--host", "127.0.0.1", "--port", str(port)]
+    prompt = {"prompt": "one more"}
+    with (
+        running_service(cmd, env, ready_url=f"{url}/healthz", name="web app with low limits"),
+        httpx.Client(base_url=url, timeout=10) as first,
+        httpx.Client(base_url=url, timeout=10) as second,
+        httpx.Client(base_url=url, timeout=10) as third,
+    ):
+        by_first = [first.post("/chat", json=prompt) for _ in range(3)]
+        by_second = [second.post("/chat", json=prompt) for _ in range(2)]
+        by_third = third.post("/chat", json=prompt)
+
+    over = [by_first[2], by_second[1], by_third]
+    assert [r.status_code for r in by_first] == [202, 202, 429]
+    assert [r.status_code for r in by_second] == [202, 429]
+    assert by_third.status_code == 429
+    for response in over:
+        assert 1 <= int(response.headers["retry-after"]) <= 60
+        assert "error" in response.json()
