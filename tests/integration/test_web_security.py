@@ -2,8 +2,8 @@
 a job's events and cancel for the session that submitted it only, jobs limited per
 session and per client address, security headers on every response.
 
-The browser's side of the same protections (the page under its CSP) is in
-tests/browser/test_web_app.py.
+The browser's side of the same protections (the page working under its CSP, a page on
+another origin refused) is in tests/browser/test_web_app.py.
 """
 
 from __future__ import annotations
