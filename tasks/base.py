@@ -10,12 +10,14 @@ from typing import Any
 import redis
 from celery import Task
 from celery.events.dispatcher import EventDispatcher
+from kombu import Connection
 
 from settings import Settings, get_settings
 from tasks.progress import StateReporter
 from worker.clock import SystemClock
 from worker.errors import ConfigError
 from worker.keys import Keys
+from worker.orphans import OrphanSweep
 from worker.runtime import build_runtime
 from worker.service import Service, fail_job, job_id_of
 
@@ -36,6 +38,8 @@ class RelieverTask(Task[Any, Any]):
     _reporter: StateReporter | None = None
     _dispatcher: EventDispatcher | None = None
     _fallback_redis: redis.Redis | None = None
+    _orphans: OrphanSweep | None = None
+    _orphan_connection: Connection | None = None
     _service_lock = threading.Lock()
     node: str | None = None
     """The worker's node name (for the events the reporter sends), from its first job."""
@@ -46,7 +50,11 @@ class RelieverTask(Task[Any, Any]):
             with self._service_lock:
                 if self._service is None:
                     settings: Settings = getattr(self.app, "settings", None) or get_settings()
-                    service = Service(build_runtime(settings), enqueue=self.requeue)
+                    service = Service(
+                        build_runtime(settings),
+                        enqueue=self.requeue,
+                        restore_orphans=self.restore_orphans,
+                    )
                     service.start()
                     self._service = service
         return self._service
@@ -91,6 +99,32 @@ class RelieverTask(Task[Any, Any]):
             )
         return self._dispatcher
 
+    def restore_orphans(self) -> list[str]:
+        """Put back the messages of workers that died before leasing their job (in the
+        reaper's thread, on a broker connection of its own)."""
+        service = self._service
+        if service is None:
+            return []
+        if self._orphans is None:
+            self._orphan_connection = self.app.connection_for_write()
+            self._orphans = OrphanSweep(
+                self._orphan_connection.default_channel,
+                service.claimed,
+                older_than_s=service.runtime.settings.lease_ttl_s,
+            )
+        try:
+            return self._orphans.sweep()
+        except Exception:
+            # A fresh connection at the next reap (the broker may have restarted).
+            self._close_orphan_connection()
+            raise
+
+    def _close_orphan_connection(self) -> None:
+        if self._orphan_connection is not None:
+            self._orphan_connection.close()
+        self._orphan_connection = None
+        self._orphans = None
+
     def requeue(self, message: dict[str, Any]) -> None:
         """Send a job message again, under its job id, to the job queue."""
         self.app.send_task(
@@ -133,6 +167,7 @@ class RelieverTask(Task[Any, Any]):
             self._service.stop()
             self._service.runtime.close()
             self._service = None
+        self._close_orphan_connection()
         if self._fallback_redis is not None:
             self._fallback_redis.close()
             self._fallback_redis = None

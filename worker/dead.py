@@ -189,6 +189,19 @@ def _raw_of(message: Any) -> bytes:
     return b""
 
 
+def job_id_in_body(body: Any, task_id: str | None) -> str | None:
+    """The job id a message body (``[args, kwargs, embed]``) names when usable, else the
+    task's; None when neither is."""
+    job = None
+    if isinstance(body, list | tuple) and body and isinstance(body[0], list | tuple) and body[0]:
+        job = body[0][0]
+    own = job.get("job_id") if isinstance(job, Mapping) else None
+    for candidate in (own, task_id):
+        if isinstance(candidate, str) and _JOB_ID.fullmatch(candidate):
+            return candidate
+    return None
+
+
 def _job_id_in(args: Any) -> str | None:
     if isinstance(args, list | tuple) and args and isinstance(args[0], Mapping):
         return _short_id(args[0].get("job_id"))

@@ -105,12 +105,19 @@ class Service:
         enqueue: sends a job message to the queue again (used by the reaper).
     """
 
-    def __init__(self, runtime: Runtime, enqueue: Enqueue) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        enqueue: Enqueue,
+        *,
+        restore_orphans: Callable[[], list[str]] | None = None,
+    ) -> None:
         self.runtime = runtime
         settings = runtime.settings
         self.leases = Leases(runtime.redis, runtime.keys, ttl_s=settings.lease_ttl_s)
         self.cancels = CancelListener(runtime.redis, runtime.keys)
         self._enqueue = enqueue
+        self._restore_orphans = restore_orphans
         self._draining = threading.Event()
         self._released = threading.Condition()
 
@@ -146,7 +153,8 @@ class Service:
         return True
 
     def reap(self) -> None:
-        """Re-enqueue the jobs whose worker died (their lease lapsed before they ended)."""
+        """Re-enqueue the jobs whose worker died: leased ones whose lease lapsed before
+        they ended, and messages taken by a worker that died before leasing their job."""
         for message in self.leases.claim_lost():
             log.warning("job %s lost its worker; re-enqueueing it", message.get("job_id"))
             try:
@@ -154,6 +162,19 @@ class Service:
             except Exception:
                 self.leases.put_back(message)
                 raise
+        if self._restore_orphans is not None:
+            for job_id in self._restore_orphans():
+                log.warning("job %s: its worker died before starting it; restored", job_id)
+
+    def claimed(self, job_ids: list[str]) -> list[bool]:
+        """For each job, whether a run leases it, it is listed as running, or it ended."""
+        rt = self.runtime
+        pipe = rt.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.exists(rt.keys.lease(job_id), rt.keys.result(job_id))
+            pipe.hexists(rt.keys.running(), job_id)
+        replies = pipe.execute()
+        return [bool(a) or bool(b) for a, b in zip(replies[::2], replies[1::2], strict=True)]
 
     def run(
         self, raw: Any, *, task_id: str, progress: Progress | None = None
