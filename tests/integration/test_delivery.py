@@ -424,3 +424,25 @@ def service_job(raw: dict[str, Any]):
     from worker.jobs import parse_job
 
     return parse_job(raw, max_bytes=1_000_000)
+
+
+def test_service_bug_before_the_chain_starts_still_ends_the_job_once(
+    service: Service, redis_client: redis.Redis, keys: Keys, mock: MockLLM
+) -> None:
+    """An unexpected error after validation, before the chain (here: a lost run's log
+    holds an `attempt` event without its number) ends the job with one `failed`
+    (`internal`), written under the lease, which is then released."""
+    lost = sink(redis_client, keys, "broken-log")
+    lost.emit({"type": "attempt", "model": "primary"})
+
+    with pytest.raises(KeyError):
+        service.run(message("broken-log"), task_id="broken-log")
+
+    events = log_of(redis_client, keys, "broken-log")
+    assert [e["type"] for e in events] == ["attempt", "failed"]
+    assert events[-1]["error"]["kind"] == "internal"
+    assert [e["seq"] for e in events] == [1, 2]
+    assert json.loads(redis_client.get(keys.result("broken-log")))["status"] == "failed"
+    assert not redis_client.exists(keys.lease("broken-log"))
+    assert not redis_client.hexists(keys.running(), "broken-log")
+    assert mock.count("primary") == 0
