@@ -148,14 +148,26 @@ class CeleryContentFilter(logging.Filter):
     ``celery.app.trace`` and ``celery.worker.strategy`` log a context dict (also passed as
     ``extra["data"]``) holding the task's ``args`` (a job's messages, when the sender set no
     ``argsrepr``) and its ``return_value`` (the completion text), which the "succeeded" line
-    prints. The job id and task name stay.
+    prints. The job id and task name stay. At DEBUG, the pool's "TaskPool: Apply" line
+    prints the arguments of the call that runs a task: the message's headers (its
+    ``argsrepr`` and the decoded ``args``) and its body, up to 1 KB of each; only the
+    function's name stays.
     """
 
     HIDDEN = "(not logged)"
     FIELDS = ("args", "kwargs", "return_value")
+    POOL_APPLY = "TaskPool: Apply"
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name.startswith("celery.") and isinstance(record.args, Mapping):
+        if (
+            record.name == "celery.pool"
+            and isinstance(record.msg, str)
+            and record.msg.startswith(self.POOL_APPLY)
+            and isinstance(record.args, tuple)
+            and record.args
+        ):
+            record.args = (record.args[0], *(self.HIDDEN for _ in record.args[1:]))
+        elif record.name.startswith("celery.") and isinstance(record.args, Mapping):
             context = dict(record.args)
             if any(k in context for k in self.FIELDS):
                 for key in self.FIELDS:

@@ -203,6 +203,24 @@ def test_celery_content_filter_hides_arguments_and_results() -> None:
     assert "reliever.complete[j1] succeeded in 0.5s: (not logged)" in text
 
 
+def test_celery_content_filter_hides_what_the_pool_applies_at_debug() -> None:
+    """The pool's DEBUG line about running a task shows the function, not the message's
+    headers (``argsrepr``, the decoded ``args``) nor its body."""
+    headers = {"id": "j1", "argsrepr": f"[{{'content': '{PROMPT}'}}]"}
+    body = f'[[{{"messages": [{{"content": "{PROMPT}"}}]}}], {{}}, {{}}]'.encode()
+    record = _record(
+        "celery.pool",
+        "TaskPool: Apply %s (args:%s kwargs:%s)",
+        ("<function fast_trace_task>", repr(("reliever.complete", "j1", headers, body)), "{}"),
+    )
+
+    assert CeleryContentFilter().filter(record)
+    text = TextFormatter().format(record)
+
+    assert "quince" not in text
+    assert "TaskPool: Apply <function fast_trace_task> (args:(not logged)" in text
+
+
 def test_init_sentry_is_off_without_a_dsn() -> None:
     """No SENTRY_DSN, no Sentry."""
     assert init_sentry(Settings(_env_file=None)) is False
