@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -49,7 +48,7 @@ from worker.errors import (
     UnknownAgent,
 )
 from worker.events import TERMINAL_TYPES, Event, EventSink, result_of
-from worker.jobs import JOB_ID_PATTERN, Job, parse_job
+from worker.jobs import Job, is_job_id, parse_job
 from worker.keys import Keys
 from worker.lease import Lease, Leases
 from worker.observer import observe, observe_dead_letter, observe_rejected
@@ -64,8 +63,6 @@ OUTAGE_RETRY_MAX_S = 1.0
 """The longest pause between two tries to start a job while Redis does not answer."""
 OUTAGE_WARN_S = 30.0
 """How often a job waiting for Redis says so."""
-
-_JOB_ID = re.compile(JOB_ID_PATTERN)
 
 Progress = Callable[[Event], None]
 Enqueue = Callable[[dict[str, Any]], None]
@@ -92,7 +89,7 @@ def job_id_of(raw: Any, task_id: str) -> str:
     """The job's id: the one in the message when it is usable, else the task's."""
     if isinstance(raw, dict):
         candidate = raw.get("job_id")
-        if isinstance(candidate, str) and _JOB_ID.match(candidate):
+        if is_job_id(candidate):
             return candidate
     return task_id
 

@@ -71,14 +71,13 @@ from settings import Settings
 from worker.client import Client
 from worker.errors import JobError
 from worker.events import TERMINAL_TYPES
-from worker.jobs import JOB_ID_PATTERN
+from worker.jobs import is_job_id
 from worker.keys import Keys
 
 log = logging.getLogger("reliever.web")
 
 PAGE = Path(__file__).with_name("index.html")
 STATIC = Path(__file__).with_name("static")
-_JOB_ID = re.compile(JOB_ID_PATTERN)
 _ORIGIN = re.compile(r"https?://[^/?#\s]+")
 SESSION_COOKIE = "reliever_session"
 _BLOCK_MS = 5000
@@ -433,7 +432,7 @@ def create_app(settings: Settings | None = None, web: WebSettings | None = None)
 
     async def events(request: Request) -> Response:
         job_id = request.path_params["job_id"]
-        if not _JOB_ID.fullmatch(job_id) or not await owned(request, job_id):
+        if not is_job_id(job_id) or not await owned(request, job_id):
             return JSONResponse({"error": "unknown job id"}, status_code=404)
         try:
             after_seq = _last_seq(request)
@@ -451,7 +450,7 @@ def create_app(settings: Settings | None = None, web: WebSettings | None = None)
 
     async def cancel(request: Request) -> Response:
         job_id = request.path_params["job_id"]
-        if not _JOB_ID.fullmatch(job_id):
+        if not is_job_id(job_id):
             return JSONResponse({"error": "unknown job id"}, status_code=404)
         client: Client = request.app.state.client
         try:

@@ -9,6 +9,7 @@ not a stream (an error status, a 200 whose body is an error, a wrong content typ
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -121,6 +122,21 @@ def translated(secrets: tuple[str, ...] = ()) -> Iterator[None]:
         raise RetryableError(f"the stream broke: {scrub(str(exc), secrets)}") from None
 
 
+def request_content(body: Mapping[str, Any]) -> bytes:
+    """``body`` as the bytes ``httpx`` sends for ``json=body`` (compact UTF-8 JSON).
+
+    Raises:
+        FatalError: the body cannot be encoded. Its message names the exception's class
+            only: a ``UnicodeEncodeError`` carries the whole text it failed on, which is
+            the request, prompt included, and would print it wherever it was logged.
+    """
+    try:
+        text = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        return text.encode("utf-8")
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise FatalError(f"the request cannot be encoded as JSON ({type(exc).__name__})") from None
+
+
 @contextmanager
 def open_stream(
     client: httpx.Client,
@@ -137,7 +153,12 @@ def open_stream(
     A non-2xx status, or a 2xx that is not ``text/event-stream`` (such as a 200 whose
     JSON body is an error), is read (bounded) and classified; the response is closed on
     every path.
+
+    Raises:
+        FatalError: the body cannot be encoded (:func:`request_content`).
+        ProviderError: the answer is an error (classified).
     """
+    content = request_content(body)
     timeouts = model.timeouts
     timeout = httpx.Timeout(
         connect=timeouts.connect,
@@ -150,8 +171,12 @@ def open_stream(
         client.stream(
             "POST",
             url,
-            headers={"accept": "text/event-stream", **headers},
-            json=body,
+            headers={
+                "accept": "text/event-stream",
+                "content-type": "application/json",
+                **headers,
+            },
+            content=content,
             timeout=timeout,
         ) as response,
     ):

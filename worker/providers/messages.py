@@ -11,6 +11,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from worker.errors import FatalError
+from worker.jobs import json_problem
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def tool_input(arguments: str, where: str) -> dict[str, Any]:
@@ -19,17 +24,22 @@ def tool_input(arguments: str, where: str) -> dict[str, Any]:
     Empty arguments are the empty object.
 
     Raises:
-        FatalError: the arguments are not a JSON object; no provider but OpenAI takes them,
-            so the request cannot be sent (the message names ``where``, never the content).
+        FatalError: the arguments are not a JSON object, or not one a request can carry
+            (``NaN``, nesting deeper than the job's limit …); no provider but OpenAI
+            takes them as a string, so the request cannot be sent (the message names
+            ``where``, never the content).
     """
     if not arguments.strip():
         return {}
     try:
-        value = json.loads(arguments)
+        value = json.loads(arguments, parse_constant=_no_constant)
     except (ValueError, RecursionError):
         raise FatalError(f"{where}: tool call arguments are not valid JSON") from None
     if not isinstance(value, dict):
         raise FatalError(f"{where}: tool call arguments are not a JSON object")
+    problem = json_problem(value)
+    if problem is not None:
+        raise FatalError(f"{where}: tool call arguments: {problem.what}")
     return value
 
 
