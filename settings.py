@@ -31,6 +31,12 @@ class Settings(BaseSettings):
     queue: str = "reliever"
     event_ttl: int = Field(86_400, gt=0, description="seconds a job's replay log lives")
     max_job_bytes: int = Field(1_000_000, gt=0)
+    max_sse_event_bytes: int = Field(
+        1_000_000, gt=0, description="a longer line or event from an upstream fails the attempt"
+    )
+    max_completion_bytes: int = Field(
+        1_000_000, gt=0, description="a longer completion (text, tool calls) fails the attempt"
+    )
     sentry_dsn: SecretStr | None = None
     flower_basic_auth: SecretStr = SecretStr(DEFAULT_FLOWER_AUTH)
     log_level: str = "INFO"

@@ -20,7 +20,7 @@ import redis
 from hypothesis import settings as hsettings
 
 from worker.agents import Agents, parse_agents
-from worker.chain import ChainExecutor
+from worker.chain import MAX_COMPLETION_BYTES, ChainExecutor
 from worker.clock import FakeClock
 from worker.cooldown import CooldownStore, MemoryCooldownStore
 from worker.events import MemoryEventSink
@@ -29,6 +29,7 @@ from worker.jobs import Job, parse_job
 from worker.keys import Keys
 from worker.mockllm import MockLLM
 from worker.providers import build_providers
+from worker.sse import MAX_EVENT_BYTES
 
 hsettings.register_profile("dev", max_examples=100)
 hsettings.register_profile("ci", max_examples=200, derandomize=True, deadline=None, print_blob=True)
@@ -164,20 +165,24 @@ def http_client() -> Iterator[httpx.Client]:
 
 @pytest.fixture
 def make_executor(http_client: httpx.Client, clock: FakeClock) -> Callable[..., ChainExecutor]:
-    """An executor over real HTTP to the mock, a fake clock, and memory cooldowns by default."""
+    """An executor over real HTTP to the mock, a fake clock, and memory cooldowns by default
+    (the limits on an event and a completion are the settings' defaults unless given)."""
 
     def make(
         cooldowns: CooldownStore | None = None,
         *,
         clock_: Any = None,
         seed: int = 1234,
+        max_event_bytes: int = MAX_EVENT_BYTES,
+        max_completion_bytes: int = MAX_COMPLETION_BYTES,
     ) -> ChainExecutor:
         use_clock = clock_ or clock
         return ChainExecutor(
-            providers=build_providers(http_client, use_clock),
+            providers=build_providers(http_client, use_clock, max_event_bytes=max_event_bytes),
             cooldowns=cooldowns or MemoryCooldownStore(use_clock),
             clock=use_clock,
             rng=random.Random(seed),
+            max_completion_bytes=max_completion_bytes,
         )
 
     return make

@@ -24,6 +24,11 @@
 10. A stream that broke after deltas were published is retried or falls back with
     ``discard: true``; the final text is only the winning attempt's; failed attempts'
     usage is counted.
+
+An attempt whose completion (its text, and its tool calls' ids, names and arguments)
+grows over ``max_completion_bytes`` of UTF-8 fails as a :class:`FatalError` before the
+delta that would pass the limit is published: like any fatal error, the chain moves on
+to the next model.
 """
 
 from __future__ import annotations
@@ -56,6 +61,10 @@ from worker.guard import StreamGuard, guarding
 from worker.jobs import Job
 from worker.providers.base import Provider, ProviderRequest, Usage
 from worker.retry import RETRY_AFTER_CAP_S
+from worker.sse import utf8_size
+
+MAX_COMPLETION_BYTES = 1_000_000
+"""The default limit on one attempt's completion (``RELIEVER_MAX_COMPLETION_BYTES``)."""
 
 
 class _Next(enum.Enum):
@@ -72,6 +81,8 @@ class _AttemptState:
     finish_reason: str | None = None
     usage: Usage = field(default_factory=Usage)
     published: bool = False
+    size: int = 0
+    """UTF-8 bytes of the text and tool calls so far."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +158,8 @@ class ChainExecutor:
         cooldowns: where pins live (Redis in production).
         clock: the time source and sleeper.
         rng: the source of jitter.
+        max_completion_bytes: the most an attempt's completion may hold (see the module
+            docstring).
     """
 
     def __init__(
@@ -156,11 +169,13 @@ class ChainExecutor:
         cooldowns: CooldownStore,
         clock: Clock,
         rng: random.Random,
+        max_completion_bytes: int = MAX_COMPLETION_BYTES,
     ) -> None:
         self._providers = providers
         self._cooldowns = cooldowns
         self._clock = clock
         self._rng = rng
+        self._max_completion_bytes = max_completion_bytes
 
     def run(
         self,
@@ -410,16 +425,23 @@ class _JobRun:
                 for delta in self._deltas(provider, model):
                     guard.check()
                     if delta.text is not None:
+                        self._grow(state, utf8_size(delta.text))
                         if not state.published:
                             guard.first_delta()
                             state.published = True
                         state.text.append(delta.text)
                         emit({"type": "delta", "n": n, "text": delta.text})
                     elif delta.tool_call is not None:
+                        piece = delta.tool_call
+                        self._grow(
+                            state,
+                            utf8_size(piece.arguments)
+                            + utf8_size(piece.id or "")
+                            + utf8_size(piece.name or ""),
+                        )
                         if not state.published:
                             guard.first_delta()
                             state.published = True
-                        piece = delta.tool_call
                         call = state.tool_calls.setdefault(
                             piece.index, {"id": None, "name": None, "arguments": []}
                         )
@@ -433,6 +455,13 @@ class _JobRun:
                         state.usage = delta.usage
         finally:
             undo()
+
+    def _grow(self, state: _AttemptState, size: int) -> None:
+        """Count ``size`` more bytes of completion; over the limit, the attempt fails."""
+        state.size += size
+        limit = self.x._max_completion_bytes
+        if state.size > limit:
+            raise FatalError(f"the completion is over {limit} bytes")
 
     def _deltas(self, provider: Provider, model: ModelRef) -> Iterator[Any]:
         try:

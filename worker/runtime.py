@@ -58,7 +58,7 @@ def build_runtime(
         agents = load_agents(settings.agents_file, loopback_only=settings.loopback_only)
     clock = clock or SystemClock()
     http = httpx.Client(transport=transport or guarded_transport(), follow_redirects=False)
-    providers = build_providers(http, clock)
+    providers = build_providers(http, clock, max_event_bytes=settings.max_sse_event_bytes)
     for agent in agents.agents.values():
         for model in agent.chain:
             if model.provider not in providers:
@@ -80,7 +80,11 @@ def build_runtime(
     keys = Keys(settings.key_prefix)
     store = cooldowns or RedisCooldownStore(client, keys)
     executor = ChainExecutor(
-        providers=providers, cooldowns=store, clock=clock, rng=rng or random.Random()
+        providers=providers,
+        cooldowns=store,
+        clock=clock,
+        rng=rng or random.Random(),
+        max_completion_bytes=settings.max_completion_bytes,
     )
     return Runtime(
         settings=settings,

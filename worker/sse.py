@@ -18,13 +18,20 @@ httpx-sse's own decoders, so its events are exactly ``iter_sse()``'s. At the las
 h11 gets the bytes from there on and parses the trailer itself, and the response is
 closed, so the connection goes back to the pool as after ``iter_raw()``. Everything else
 (HTTP/2, gzip, a body with a length or up to the close, a response whose stream is not
-httpcore's HTTP/1.1 connection) is read by ``iter_sse()``. It reads private attributes of
-httpx, httpcore and h11: ``pyproject.toml`` pins the releases it was written for.
+httpcore's HTTP/1.1 connection) is read as ``iter_sse()`` reads it: the same decoders over
+``response.iter_text()``. It reads private attributes of httpx, httpcore and h11:
+``pyproject.toml`` pins the releases it was written for.
 
-Errors are httpx's, as from ``iter_sse()`` (type, message, request): a broken stream or a
-malformed chunk is ``httpx.RemoteProtocolError``, a read timeout ``httpx.ReadTimeout``;
-the guard's own errors (cancel, deadline, budgets) pass through. Unlike ``iter_raw()`` it
-does not count ``response.num_bytes_downloaded``.
+Both paths bound what an upstream can make the worker hold, which ``iter_sse()`` does
+not: a line, or an event (its lines up to the blank line that ends it, comments aside),
+over ``max_event_bytes`` of UTF-8 fails with :class:`~worker.errors.FatalError` as soon
+as it is over, so no more of it is held than the limit and one read (for a compressed
+body, one read decompressed).
+
+Other errors are httpx's, as from ``iter_sse()`` (type, message, request): a broken
+stream or a malformed chunk is ``httpx.RemoteProtocolError``, a read timeout
+``httpx.ReadTimeout``; the guard's own errors (cancel, deadline, budgets) pass through.
+Unlike ``iter_raw()`` it does not count ``response.num_bytes_downloaded``.
 """
 
 from __future__ import annotations
@@ -44,6 +51,11 @@ from httpx._exceptions import request_context
 from httpx._transports.default import ResponseStream, map_httpcore_exceptions
 from httpx_sse import EventSource, ServerSentEvent
 from httpx_sse._decoders import SSEDecoder, SSELineDecoder
+
+from worker.errors import FatalError
+
+MAX_EVENT_BYTES = 1_000_000
+"""The default limit on a line or an event (``RELIEVER_MAX_SSE_EVENT_BYTES``)."""
 
 _CHUNK_HEADER = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;.*)?[ \t]*\r\n")
 """h11's chunk header: the size in hex, extensions (ignored), trailing blanks, CRLF."""
@@ -93,33 +105,102 @@ def chunked_connection(response: httpx.Response) -> HTTP11Connection | None:
     return connection
 
 
-def iter_sse(source: EventSource) -> Iterator[ServerSentEvent]:
+def utf8_size(text: str) -> int:
+    """The length of ``text`` in UTF-8 (no copy for ASCII)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def iter_sse(
+    source: EventSource, *, max_event_bytes: int = MAX_EVENT_BYTES
+) -> Iterator[ServerSentEvent]:
     """The events of ``source``'s response, as ``source.iter_sse()`` yields them.
 
-    The caller checks the content type first (``iter_sse()`` does it here).
+    The caller checks the content type first.
+
+    Raises:
+        FatalError: a line or an event is over ``max_event_bytes``.
     """
     response = source.response
+    decoder = _Decoder(max_event_bytes)
     connection = chunked_connection(response)
     if connection is None:
-        yield from source.iter_sse()
+        yield from _text_events(response, decoder)
         return
     response.is_stream_consumed = True
     with request_context(request=response.request), map_httpcore_exceptions():
-        yield from _ChunkedEvents(response, connection)
+        yield from _ChunkedEvents(response, connection, decoder)
     response.close()
+
+
+class _Decoder:
+    """httpx-sse's line and event decoders, with a limit on a line and on an event.
+
+    The line decoder holds an unfinished line as the pieces it came in; their size is
+    added up as they come, so a line fails once it is over the limit, never held whole.
+    An event's lines (comments aside, which are not kept) add up until the blank line
+    that ends it.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self._lines = SSELineDecoder()
+        self._events = SSEDecoder()
+        self._max = max_bytes
+        self._held = 0  # UTF-8 bytes of the unfinished line the line decoder holds
+        self._event = 0  # UTF-8 bytes of the current event's lines
+
+    def _too_large(self) -> FatalError:
+        return FatalError(f"the event stream sent a line or an event over {self._max} bytes")
+
+    def lines(self, text: str) -> list[str]:
+        decoder = self._lines
+        pieces = len(decoder.buffer)
+        lines = decoder.decode(text)
+        if lines:
+            self._held = sum(map(utf8_size, decoder.buffer))
+        elif len(decoder.buffer) > pieces:
+            self._held += utf8_size(decoder.buffer[-1])
+        if self._held > self._max:
+            raise self._too_large()
+        return lines
+
+    def flush(self) -> list[str]:
+        return self._lines.flush()
+
+    def event(self, line: str) -> ServerSentEvent | None:
+        """The event ``line`` (without its line end) completes, if any."""
+        if not line:
+            self._event = 0
+        elif line[0] != ":":
+            # utf8_size inlined: this runs for every line of every stream.
+            self._event += len(line) if line.isascii() else len(line.encode())
+            if self._event > self._max:
+                raise self._too_large()
+        return self._events.decode(line)
+
+
+def _text_events(response: httpx.Response, decoder: _Decoder) -> Iterator[ServerSentEvent]:
+    """httpx-sse's ``iter_sse()`` over httpx's text iterator, with ``decoder``'s limits."""
+    for text in response.iter_text():
+        for line in decoder.lines(text):
+            if (sse := decoder.event(line.rstrip("\n"))) is not None:
+                yield sse
+    for line in decoder.flush():
+        if (sse := decoder.event(line.rstrip("\n"))) is not None:
+            yield sse
 
 
 class _ChunkedEvents:
     """One chunked body's events, read from its connection's network stream."""
 
-    def __init__(self, response: httpx.Response, connection: HTTP11Connection) -> None:
+    def __init__(
+        self, response: httpx.Response, connection: HTTP11Connection, decoder: _Decoder
+    ) -> None:
         self._connection = connection
         self._state: h11.Connection = connection._h11_state
         timeouts: dict[str, Any] = response.request.extensions.get("timeout", {})
         self._timeout: float | None = timeouts.get("read")
         self._text = codecs.getincrementaldecoder(response.encoding or "utf-8")(errors="replace")
-        self._lines = SSELineDecoder()
-        self._events = SSEDecoder()
+        self._decoder = decoder
 
     def _read(self) -> bytes:
         return self._connection._network_stream.read(
@@ -133,7 +214,7 @@ class _ChunkedEvents:
         pos = 0  # where the unread part of buf starts
         left = 0  # data bytes of the current chunk still to come
         footer = b""  # what is still to come of the current chunk's CRLF
-        text, lines, event_of = self._text.decode, self._lines.decode, self._events.decode
+        text, lines, event_of = self._text.decode, self._decoder.lines, self._decoder.event
         while True:
             if left:
                 if pos < len(buf):
@@ -189,7 +270,7 @@ class _ChunkedEvents:
 
     def _sse(self, lines: list[str]) -> Iterator[ServerSentEvent]:
         for line in lines:
-            sse = self._events.decode(line.rstrip("\n"))
+            sse = self._decoder.event(line.rstrip("\n"))
             if sse is not None:
                 yield sse
 
@@ -206,4 +287,4 @@ class _ChunkedEvents:
             raise httpx.RemoteProtocolError(f"unexpected event after the last chunk: {event!r}")
         # The text decoder is not flushed: what it holds is an unfinished character, which
         # could only end a line that no blank line follows, and such a line dispatches nothing.
-        yield from self._sse(self._lines.flush())
+        yield from self._sse(self._decoder.flush())

@@ -1440,6 +1440,74 @@ def test_chain_tool_calls_are_assembled_from_pieces(
     assert outcome.terminal["finish_reason"] == "tool_calls"
 
 
+# --- limits on what an upstream sends ------------------------------------------------------
+
+
+def test_chain_event_over_the_limit_is_fatal_and_falls_back(
+    agent, make_job, make_executor, sink_for, mock, clock
+):
+    """One 2 MB event (a single delta): the attempt fails as fatal once the event passes
+    1 MB, before anything of it is published; the next model answers."""
+    mock.script("primary", [Reply(text="x" * 2_000_000)])
+    mock.script("backup", [Reply(text=B)])
+    job = make_job()
+    sink = sink_for(job)
+
+    outcome = make_executor().run(job, agent(), sink)
+
+    assert shape(sink.events) == [
+        ("started", "primary", False),
+        ("attempt", 1, "primary", 1, 3, False),
+        ("fallback", "primary", "backup", "fatal", False),
+        ("attempt", 2, "backup", 1, 3, True),
+        *said(2, B),
+        ("completed", "backup", B, True),
+    ]
+    assert sink.events[2]["error"]["message"] == (
+        "the event stream sent a line or an event over 1000000 bytes"
+    )
+    assert outcome.terminal["text"] == B
+    assert clock.sleeps == []
+
+
+def test_chain_completion_over_the_limit_is_fatal_and_falls_back_with_discard(
+    agent, make_job, make_executor, sink_for, mock, clock
+):
+    """Small deltas adding up past the completion limit: the delta that would pass it is
+    not published, the attempt fails as fatal, and the fallback discards what was."""
+    mock.script("primary", [Reply(text=" ".join(["word"] * 50))])
+    mock.script("backup", [Reply(text=B)])
+    job = make_job()
+    sink = sink_for(job)
+
+    outcome = make_executor(max_completion_bytes=100).run(job, agent(), sink)
+
+    published = [e["text"] for e in sink.events if e["type"] == "delta" and e["n"] == 1]
+    assert published == ["word "] * 20
+    fallback = next(e for e in sink.events if e["type"] == "fallback")
+    assert (fallback["reason"], fallback["discard"]) == ("fatal", True)
+    assert fallback["error"]["message"] == "the completion is over 100 bytes"
+    assert outcome.terminal["model"] == "backup"
+    assert outcome.terminal["text"] == B
+
+
+def test_chain_tool_call_arguments_count_toward_the_completion_limit(
+    agent, make_job, make_executor, sink_for, mock, clock
+):
+    """A tool call's arguments are part of the completion: over the limit, fatal."""
+    call = {"id": "call_1", "name": "lookup", "arguments": json.dumps({"q": "x" * 200})}
+    mock.script("primary", [Reply(text="", tool_calls=(call,))])
+    mock.script("backup", [Reply(text=B)])
+    job = make_job()
+    sink = sink_for(job)
+
+    outcome = make_executor(max_completion_bytes=100).run(job, agent(), sink)
+
+    assert outcome.terminal["attempts"][0]["outcome"] == "fatal"
+    assert outcome.terminal["model"] == "backup"
+    assert outcome.terminal["tool_calls"] == []
+
+
 # --- transport failures: connect errors and timeouts ---------------------------------------
 
 

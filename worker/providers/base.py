@@ -23,7 +23,7 @@ from worker.classify import ErrorBody, classify_response, decode_body, parse_err
 from worker.clock import Clock
 from worker.errors import FatalError, ProviderError, ProviderTimeout, RetryableError
 from worker.guard import current_guard
-from worker.sse import iter_sse
+from worker.sse import MAX_EVENT_BYTES, iter_sse
 
 ERROR_BODY_MAX_BYTES = 64 * 1024
 DRAIN_GRACE_S = 1.0
@@ -210,6 +210,7 @@ def until_end_marker(
     *,
     secrets: tuple[str, ...],
     end_marker: str,
+    max_event_bytes: int = MAX_EVENT_BYTES,
 ) -> Iterator[Delta]:
     """Yield the deltas ``feed`` makes of each event, up to the provider's end marker.
 
@@ -219,11 +220,12 @@ def until_end_marker(
 
     Raises:
         RetryableError: the stream ended without its end marker.
+        FatalError: a line or an event is over ``max_event_bytes`` (before the end marker).
     """
     done = False
     with translated(secrets):
         try:
-            for sse in iter_sse(source):
+            for sse in iter_sse(source, max_event_bytes=max_event_bytes):
                 if done:
                     continue
                 for delta in feed(sse):
@@ -257,15 +259,18 @@ class SSEProvider:
     """The shape every adapter shares: POST JSON, read the SSE answer to its end marker.
 
     A subclass says how to build the request and read its events (:meth:`prepare`) and
-    names its end marker; the key handling, the error seam and the end of the stream
-    are the same for all.
+    names its end marker; the key handling, the error seam, the limit on an event
+    (``max_event_bytes``) and the end of the stream are the same for all.
     """
 
     end_marker: ClassVar[str]
 
-    def __init__(self, client: httpx.Client, clock: Clock) -> None:
+    def __init__(
+        self, client: httpx.Client, clock: Clock, *, max_event_bytes: int = MAX_EVENT_BYTES
+    ) -> None:
         self._client = client
         self._clock = clock
+        self._max_event_bytes = max_event_bytes
 
     def prepare(self, model: ModelRef, request: ProviderRequest, key: str | None) -> Call:
         """The request for ``model`` (``key`` goes into a header, never into the URL)."""
@@ -285,5 +290,9 @@ class SSEProvider:
             clock=self._clock,
         ) as source:
             yield from until_end_marker(
-                source, call.feed, secrets=secrets, end_marker=self.end_marker
+                source,
+                call.feed,
+                secrets=secrets,
+                end_marker=self.end_marker,
+                max_event_bytes=self._max_event_bytes,
             )
