@@ -154,6 +154,32 @@ class Stack:
         app.send_task("reliever.complete", args=[payload], task_id=task_id, queue=self.queue)
         app.close()
 
+    def push_json(self, job_json: str, task_id: str) -> None:
+        """LPUSH a message whose job is ``job_json`` as given, built as docs/protocol.md
+        says: for bodies no JSON encoder would write (nesting deeper than Python's
+        recursion limit, text that is not JSON)."""
+        embed = '{"callbacks": null, "errbacks": null, "chain": null, "chord": null}'
+        body = f"[[{job_json}], {{}}, {embed}]"
+        message = {
+            "body": base64.b64encode(body.encode()).decode(),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": {
+                "lang": "py", "task": "reliever.complete", "id": task_id, "root_id": task_id,
+                "parent_id": None, "group": None, "retries": 0, "eta": None, "expires": None,
+                "timelimit": [None, None], "shadow": None, "ignore_result": False,
+                "argsrepr": f"(job_id={task_id!r})", "kwargsrepr": "{}", "origin": "test",
+            },
+            "properties": {
+                "correlation_id": task_id, "reply_to": "", "delivery_mode": 2,
+                "delivery_info": {"exchange": "", "routing_key": self.queue},
+                "priority": 0, "body_encoding": "base64", "delivery_tag": str(uuid.uuid4()),
+            },
+        }  # fmt: skip
+        client = redis.Redis.from_url(self.redis_url)
+        client.lpush(self.queue, json.dumps(message))
+        client.close()
+
 
 class RedisServer:
     """A ``redis-server`` of a test's own, on a free port, with AOF (every write fsynced)
@@ -219,29 +245,3 @@ def redis_server(workdir: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.kill()
-
-    def push_json(self, job_json: str, task_id: str) -> None:
-        """LPUSH a message whose job is ``job_json`` as given, built as docs/protocol.md
-        says: for bodies no JSON encoder would write (nesting deeper than Python's
-        recursion limit, text that is not JSON)."""
-        embed = '{"callbacks": null, "errbacks": null, "chain": null, "chord": null}'
-        body = f"[[{job_json}], {{}}, {embed}]"
-        message = {
-            "body": base64.b64encode(body.encode()).decode(),
-            "content-encoding": "utf-8",
-            "content-type": "application/json",
-            "headers": {
-                "lang": "py", "task": "reliever.complete", "id": task_id, "root_id": task_id,
-                "parent_id": None, "group": None, "retries": 0, "eta": None, "expires": None,
-                "timelimit": [None, None], "shadow": None, "ignore_result": False,
-                "argsrepr": f"(job_id={task_id!r})", "kwargsrepr": "{}", "origin": "test",
-            },
-            "properties": {
-                "correlation_id": task_id, "reply_to": "", "delivery_mode": 2,
-                "delivery_info": {"exchange": "", "routing_key": self.queue},
-                "priority": 0, "body_encoding": "base64", "delivery_tag": str(uuid.uuid4()),
-            },
-        }  # fmt: skip
-        client = redis.Redis.from_url(self.redis_url)
-        client.lpush(self.queue, json.dumps(message))
-        client.close()

@@ -245,7 +245,10 @@ def vet(message: Any, max_bytes: int) -> DeadLetter | None:
         return dead("too_large", f"the message body is over {max_bytes} bytes")
     try:
         payload = message.payload
-    except Exception:  # noqa: BLE001 - kombu wraps decoding errors, but bodies are hostile
+    except Exception as exc:  # noqa: BLE001 - kombu wraps decoding errors, but bodies are hostile
+        # kombu raises the decoder's error again as a DecodeError, in its except block.
+        if isinstance(exc.__context__ or exc, RecursionError):
+            return dead("undecodable", "the message body is nested too deeply to decode")
         return dead("undecodable", "the message body is not JSON")
     if not (
         isinstance(payload, list | tuple)

@@ -32,18 +32,19 @@ def _events(stack: Stack, job_id: str) -> list[dict[str, Any]]:
     return list(stack.client.job(job_id).events(timeout=20))
 
 
-def test_hostile_jobs_each_end_with_one_invalid_job_event(stack: Stack, mock: MockLLM) -> None:
-    """inf and 1e19 deadlines, lone surrogates, JSON nested 500 or 5,000 deep and a body
-    that is not JSON: each job ends at once with one failed event (invalid_job, naming
-    the field) and calls no model."""
+def test_hostile_jobs_each_end_with_one_failed_event(stack: Stack, mock: MockLLM) -> None:
+    """inf and 1e19 deadlines, lone surrogates and JSON nested 500 deep are invalid jobs
+    (naming the field); a body nested 5,000 deep or not JSON cannot be decoded at all
+    (an invalid message, dead-lettered). Each job ends at once with one failed event and
+    calls no model."""
     sent = {
-        "deadline-inf": ("deadline_s", "finite"),
-        "deadline-1e19": ("deadline_s", "less than or equal to 86400"),
-        "surrogate-content": ("messages[0].content", "UTF-8"),
-        "surrogate-stop": ("params.stop", "UTF-8"),
-        "nested-500": ("metadata", "nested deeper than 64 levels"),
-        "nested-5000": ("(job)", "the job cannot be decoded: it is nested too deeply"),
-        "not-json": ("(job)", "the job cannot be decoded: it is not JSON (JSONDecodeError)"),
+        "deadline-inf": ("invalid_job", "deadline_s", "finite"),
+        "deadline-1e19": ("invalid_job", "deadline_s", "less than or equal to 86400"),
+        "surrogate-content": ("invalid_job", "messages[0].content", "UTF-8"),
+        "surrogate-stop": ("invalid_job", "params.stop", "UTF-8"),
+        "nested-500": ("invalid_job", "metadata", "nested deeper than 64 levels"),
+        "nested-5000": ("invalid_message", None, "nested too deeply to decode"),
+        "not-json": ("invalid_message", None, "the message body is not JSON"),
     }
     with stack.worker("a", concurrency=2):
         stack.send_raw(_job(deadline_s=math.inf), task_id="deadline-inf")
@@ -55,11 +56,11 @@ def test_hostile_jobs_each_end_with_one_invalid_job_event(stack: Stack, mock: Mo
         stack.push_json('{"agent": "support", "messages": [', task_id="not-json")
         ended = {job_id: _events(stack, job_id) for job_id in sent}
 
-    for job_id, (field, says) in sent.items():
+    for job_id, (kind, field, says) in sent.items():
         events = ended[job_id]
         assert [e["type"] for e in events] == ["failed"], job_id
         error = events[0]["error"]
-        assert (error["kind"], error["field"]) == ("invalid_job", field), job_id
+        assert (error["kind"], error.get("field")) == (kind, field), job_id
         assert says in error["message"], job_id
     assert mock.count("primary") == 0
 
