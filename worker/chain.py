@@ -1,4 +1,4 @@
-"""The chain executor: DESIGN's chain rules 1-10 for one job, with no Celery in sight.
+"""The chain executor: the chain rules (docs/design.md) 1-10 for one job, with no Celery in sight.
 
 1. The chain is ``[model] + fallbacks``; each model gets ``1 + retries`` attempts, and no
    attempt hides retries of its own (httpx runs with ``retries=0``).

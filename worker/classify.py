@@ -1,6 +1,6 @@
 """Turn an upstream failure into one typed :class:`~worker.errors.ProviderError`.
 
-DESIGN rule 9, in this order and no other:
+Design rule 9 (docs/design.md), in this order and no other:
 
 1. the HTTP status code (429 is a rate limit whatever its text says; 408/5xx are
    transient; 413 is a context overflow; other 4xx are fatal unless steps 2-3 say overflow);
@@ -34,7 +34,7 @@ from worker.retry import parse_retry_after
 
 MESSAGE_MAX_CHARS = 300
 
-# Transient statuses: DESIGN's list, plus the other 5xx a proxy or CDN sends for a
+# Transient statuses: the design's list, plus the other 5xx a proxy or CDN sends for a
 # struggling origin (520-524 …). 501 and 505 say the request can never work there.
 _FATAL_5XX = frozenset({501, 505})
 _RETRY_AFTER_STATUSES = frozenset({429, 503, 529})

@@ -1,4 +1,4 @@
-"""The per-agent pin of DESIGN rule 7: "start this agent's jobs at model X until T".
+"""The per-agent pin of design rule 7: "start this agent's jobs at model X until T".
 
 One key per agent, ``keys.cooldown(agent)``, holds a small JSON :class:`Pin` and is written
 with ``SET … PX``: Redis's clock is the only clock, so every worker agrees on when a pin

@@ -13,7 +13,7 @@ The tree::
     │   ├── RetryableError        kind=retryable: 408/500/502/503/504/529, connect errors,
     │   │   │                     a stream that broke or ended without its end marker
     │   │   └── ProviderTimeout   kind=timeout: connect, first token, idle, total
-    │   ├── RateLimited           kind=rate_limited: 429 (own branch: DESIGN rule 3 differs)
+    │   ├── RateLimited           kind=rate_limited: 429 (own branch: design rule 3 differs)
     │   └── FatalError            kind=fatal: other 4xx, protocol violations, a missing key
     │       └── ContextOverflow   kind=context_overflow
     ├── ChainFailed               terminal: all_models_failed, model_failed or context_overflow
@@ -46,7 +46,7 @@ class RelieverError(Exception):
         self.message = message
 
     def info(self) -> dict[str, Any]:
-        """The ``error`` object of DESIGN's events: ``{kind, message, status?, retry_after_s?}``."""
+        """The ``error`` object of the events: ``{kind, message, status?, retry_after_s?}``."""
         return {"kind": self.kind, "message": self.message}
 
 
@@ -134,7 +134,7 @@ class ProviderTimeout(RetryableError):
 
 
 class RateLimited(ProviderError):
-    """HTTP 429: skip to the next model at once (DESIGN rule 3)."""
+    """HTTP 429: skip to the next model at once (design rule 3)."""
 
     kind = "rate_limited"
 

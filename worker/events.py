@@ -1,4 +1,4 @@
-"""The job's event stream: DESIGN's event table, and the sinks events go to.
+"""The job's event stream: the design's event table, and the sinks events go to.
 
 Every event is one JSON object with ``job_id``, ``seq`` (1, 2, 3 … per job, no gaps, no
 repeats), ``type`` and ``ts`` (epoch seconds), plus the fields of its type:

@@ -30,7 +30,7 @@ never read, and neither are error messages (an upstream's message may quote the 
 log lines and Sentry get kinds and HTTP statuses; the job's own ``failed`` event keeps the
 message.
 
-Cooldown pins set are derived from the events with DESIGN rule 7: a job completed on a
+Cooldown pins set are derived from the events with design rule 7: a job completed on a
 fallback after the primary failed in a way that arms the cooldown, or after the pinned model
 it started on failed. A failure to observe is logged and never fails the job.
 """
@@ -301,7 +301,7 @@ class ObservingSink:
         return job.start_model
 
     def _pin_set(self, job: _Job, winner: str | None) -> bool:
-        """DESIGN rule 7, read back from the events: did this success pin the agent?"""
+        """Design rule 7, read back from the events: did this success pin the agent?"""
         agent = self._agent
         primary = agent.chain[0].name
         if winner is None or winner == primary:

@@ -18,7 +18,7 @@ import backoff
 import redis
 
 RETRY_AFTER_CAP_S = 60.0
-"""The longest server-requested wait we honour (DESIGN rules 2 and 3).
+"""The longest server-requested wait we honour (design rules 2 and 3).
 
 The chain applies it when it waits; errors keep the server's value (up to
 :data:`RETRY_AFTER_KEEP_S`), because a pin lasts for the whole of it.
@@ -52,7 +52,7 @@ def retry_redis_blips(fn: F) -> F:
 def proportional_jitter(fraction: float, rng: random.Random) -> Jitter:
     """Jitter of ±``fraction`` of the delay, uniform: ``0.1`` gives ``d·[0.9, 1.1]``.
 
-    This is DESIGN's ``jitter: 0.1``; it is not ``backoff.full_jitter`` (uniform in ``[0, d]``).
+    This is the design's ``jitter: 0.1``; it is not ``backoff.full_jitter`` (uniform in ``[0, d]``).
     """
 
     def jitter(delay_s: float) -> float:

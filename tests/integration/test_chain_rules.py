@@ -1,4 +1,4 @@
-"""DESIGN's chain rules 1-10, scenario by scenario, against the mock upstream over real HTTP.
+"""The chain rules 1-10 (docs/design.md), one scenario each, over real HTTP to the mock.
 
 Time is a FakeClock unless a scenario is about real sockets timing out or being cancelled
 (then SystemClock with tiny budgets). Cooldowns live in MemoryCooldownStore, or in Redis

@@ -42,7 +42,7 @@ def _doc():
 
 
 def test_agents_design_example_loads_with_its_values():
-    """DESIGN's example file loads into a chain with its retries, cooldown and backoff."""
+    """The design's example file loads into a chain with its retries, cooldown and backoff."""
     agent = parse_agents(_doc(), source=SOURCE).agents["support"]
 
     assert agent.chain_names == ("fast", "steady")
@@ -276,7 +276,7 @@ def test_load_agents_unreadable_file_names_the_file(tmp_path, content, problem):
     ],
 )
 def test_parse_duration_documented_spellings(text, seconds):
-    """DESIGN's spellings (200ms, 30s, 1m …) and bare numbers parse to seconds."""
+    """The design's spellings (200ms, 30s, 1m …) and bare numbers parse to seconds."""
     assert parse_duration(text) == seconds
 
 

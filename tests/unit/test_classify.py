@@ -1,4 +1,4 @@
-"""The classifier (DESIGN rule 9): status first, then the body's code, text last."""
+"""The classifier (design rule 9): status first, then the body's code, text last."""
 
 from __future__ import annotations
 
@@ -227,7 +227,7 @@ def _openai_error(message, code=None, type_="invalid_request_error"):
     ],
 )
 def test_classify_response_table_follows_rule_9(status, hdrs, body, cls):
-    """Each documented example classifies to its DESIGN rule 9 type, keeping its status."""
+    """Each documented example classifies to its design rule 9 type, keeping its status."""
     error = classify_response(status, hdrs, body, now_s=NOW_S)
 
     assert type(error) is cls

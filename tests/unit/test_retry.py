@@ -1,4 +1,4 @@
-"""Retry-After parsing and the backoff schedule (DESIGN rules 2 and 3)."""
+"""Retry-After parsing and the backoff schedule (design rules 2 and 3)."""
 
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def test_backoff_first_delay_is_base_without_jitter(base_s, factor):
 
 
 def test_backoff_documented_defaults_double_up_to_max():
-    """DESIGN's example policy (200ms, ×2, max 2s, no jitter) waits 0.2, 0.4, 0.8, 1.6, 2, 2."""
+    """The design's example policy (200ms, ×2, max 2s, no jitter) waits 0.2, 0.4, 0.8, 1.6, 2, 2."""
     gen = BackoffPolicy(base_s=0.2, factor=2, max_s=2.0, jitter=0).delays(random.Random(0))
 
     assert [round(next(gen), 9) for _ in range(6)] == [0.2, 0.4, 0.8, 1.6, 2.0, 2.0]

@@ -32,7 +32,7 @@ DRAIN_GRACE_S = 1.0
 
 @dataclass(frozen=True, slots=True)
 class ProviderRequest:
-    """The provider-neutral request: DESIGN's job fields an adapter translates."""
+    """The provider-neutral request: the design's job fields an adapter translates."""
 
     messages: list[dict[str, Any]]
     tools: list[dict[str, Any]] | None = None

@@ -1,4 +1,4 @@
-"""Helpers every adapter uses to read DESIGN's neutral messages and params.
+"""Helpers every adapter uses to read the design's neutral messages and params.
 
 A neutral tool call carries its arguments as a JSON string (OpenAI's form); Anthropic and
 Gemini want the object itself. A job's ``stop`` is a string or a list of strings.

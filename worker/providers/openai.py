@@ -34,7 +34,7 @@ _FINISH = {
 
 
 def to_openai_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """DESIGN's neutral messages in OpenAI's shape (tool calls nest under ``function``)."""
+    """The design's neutral messages in OpenAI's shape (tool calls nest under ``function``)."""
     out: list[dict[str, Any]] = []
     for msg in messages:
         item: dict[str, Any] = {"role": msg["role"], "content": msg.get("content")}
