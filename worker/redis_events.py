@@ -36,7 +36,7 @@ import redis
 from worker.clock import Clock
 from worker.events import TERMINAL_TYPES, Event, encode, stamp
 from worker.keys import Keys
-from worker.retry import retry_redis_blips
+from worker.retry import OUTAGE_WARN_S, retry_redis_blips, through_outage
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +91,12 @@ and each write's fixed cost (a wake-up, a round trip) is worth sharing among mor
 Waited events (an attempt's first delta, the terminal event) never linger.
 """
 
-ACK_WARN_S = 30.0
+ACK_WARN_S = OUTAGE_WARN_S
 """How often a job thread waiting for its event to be stored says it still waits."""
 
-OUTAGE_RETRY_MAX_S = 1.0
-"""The longest pause between two tries of a batch while Redis does not answer."""
+
+def _warn_outage(exc: BaseException) -> None:
+    log.warning("writing events: Redis does not answer (%s); retrying", type(exc).__name__)
 
 
 class LeaseLost(Exception):
@@ -232,19 +233,7 @@ class EventWriter:
         whose reply was lost is not appended twice. A run whose lease lapsed meanwhile
         learns it from the reply (LeaseLost); its job is another worker's by then.
         """
-        pause = 0.05
-        next_warning = 0.0
-        while True:
-            try:
-                return self._send(live)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                if time.monotonic() >= next_warning:
-                    log.warning(
-                        "writing events: Redis does not answer (%s); retrying", type(exc).__name__
-                    )
-                    next_warning = time.monotonic() + ACK_WARN_S
-                time.sleep(pause)
-                pause = min(pause * 2, OUTAGE_RETRY_MAX_S)
+        return through_outage(lambda: self._send(live), _warn_outage)
 
     @retry_redis_blips
     def _send(self, live: list[_Batch]) -> list[Any]:

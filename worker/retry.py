@@ -10,6 +10,7 @@ from __future__ import annotations
 import email.utils
 import math
 import random
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -29,6 +30,12 @@ RETRY_AFTER_KEEP_S = 86_400.0
 
 Jitter = Callable[[float], float]
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
+
+OUTAGE_PAUSE_S = (0.05, 1.0)
+"""The first and the longest pause between two tries while Redis does not answer."""
+OUTAGE_WARN_S = 30.0
+"""How often a call waiting out an outage says so."""
 
 
 def retry_redis_blips(fn: F) -> F:
@@ -47,6 +54,26 @@ def retry_redis_blips(fn: F) -> F:
         logger=None,
     )(fn)
     return retried
+
+
+def through_outage(call: Callable[[], T], warn: Callable[[BaseException], None]) -> T:
+    """``call()`` until Redis answers it: an outage is waited out, never turned into loss.
+
+    Connection errors and timeouts are retried with pauses doubling from 50 ms to 1 s;
+    ``warn`` hears of the first and then of one every :data:`OUTAGE_WARN_S`. Any other
+    error (a refusal by a Redis that answers) is raised.
+    """
+    pause, longest = OUTAGE_PAUSE_S
+    next_warning = 0.0
+    while True:
+        try:
+            return call()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if time.monotonic() >= next_warning:
+                warn(exc)
+                next_warning = time.monotonic() + OUTAGE_WARN_S
+            time.sleep(pause)
+            pause = min(pause * 2, longest)
 
 
 def proportional_jitter(fraction: float, rng: random.Random) -> Jitter:

@@ -53,16 +53,13 @@ from worker.keys import Keys
 from worker.lease import Lease, Leases
 from worker.observer import observe, observe_dead_letter, observe_rejected
 from worker.redis_events import LeaseLost, RedisEventLog
+from worker.retry import through_outage
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 """Redis did not answer: an outage to wait out or leave to the reaper, never a job's end."""
-OUTAGE_RETRY_MAX_S = 1.0
-"""The longest pause between two tries to start a job while Redis does not answer."""
-OUTAGE_WARN_S = 30.0
-"""How often a job waiting for Redis says so."""
 
 Progress = Callable[[Event], None]
 Enqueue = Callable[[dict[str, Any]], None]
@@ -216,23 +213,18 @@ class Service:
         next try then finds it held and drops this delivery, and that lease, renewed by
         nobody, lapses, so the reaper re-enqueues the job.
         """
-        pause = 0.05
-        next_warning = 0.0
-        while True:
-            try:
-                return self.leases.acquire(
-                    job_id, message, on_lost=cancel.cancel, read_key=read_key
-                )
-            except REDIS_ERRORS as exc:
-                if time.monotonic() >= next_warning:
-                    log.warning(
-                        "job %s: Redis does not answer (%s); waiting to start it",
-                        job_id,
-                        type(exc).__name__,
-                    )
-                    next_warning = time.monotonic() + OUTAGE_WARN_S
-                time.sleep(pause)
-                pause = min(pause * 2, OUTAGE_RETRY_MAX_S)
+
+        def warn(exc: BaseException) -> None:
+            log.warning(
+                "job %s: Redis does not answer (%s); waiting to start it",
+                job_id,
+                type(exc).__name__,
+            )
+
+        return through_outage(
+            lambda: self.leases.acquire(job_id, message, on_lost=cancel.cancel, read_key=read_key),
+            warn,
+        )
 
     def _run_leased(
         self,
