@@ -6,6 +6,7 @@ import base64
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +33,9 @@ WORKER_POOL = os.environ.get("RELIEVER_TEST_POOL", "gevent")
 
 class WorkerProcess(ServiceProcess):
     """A running worker; ``ready`` is set once it logs that it consumes."""
+
+    hostname = ""
+    """The worker's node name (``--hostname``), as remote control addresses it."""
 
     def __init__(self, proc: subprocess.Popen[str]) -> None:
         self.ready = threading.Event()
@@ -83,6 +87,7 @@ def running_worker(
         text=True,
     )
     worker = WorkerProcess(proc)
+    worker.hostname = f"{name}@{socket.gethostname()}"
     try:
         if not worker.ready.wait(READY_TIMEOUT_S):
             raise RuntimeError(f"worker {name} did not become ready:\n{worker.output()}")

@@ -16,15 +16,21 @@ as kombu's own Redis transport parses it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from queue import Empty
 from typing import Any
 
 import kombu.transport
 import redis
 from kombu.transport import redis as kombu_redis
+from kombu.utils import json as kombu_json
+from kombu.utils.encoding import bytes_to_str
 
-from worker.dead import vet_envelope
+from worker.dead import stand_in, vet_envelope
+
+log = logging.getLogger(__name__)
 
 TRANSPORT = "worker.broker:Transport"
 """The transport's name in kombu's alias table."""
@@ -51,6 +57,9 @@ class Channel(kombu_redis.Channel):
 
     _shared_client: Any = None
 
+    _popped: Any = None
+    """The last popped item and its queue (bytes, str), for :meth:`_brpop_read`."""
+
     def _create_client(self, asynchronous: bool = False) -> Any:
         # mypy does not see kombu's _create_client (kombu defines it, untyped).
         client = super()._create_client(asynchronous=asynchronous)  # type: ignore[misc]
@@ -68,7 +77,43 @@ class Channel(kombu_redis.Channel):
         client = self.connection.client
         options = (client.transport_options if client is not None else None) or {}
         max_bytes = int(options.get(MAX_MESSAGE_BYTES, DEFAULT_MAX_MESSAGE_BYTES))
-        return dest, vet_envelope(item, queue, max_bytes)
+        vetted = vet_envelope(
+            item,
+            queue,
+            max_bytes,
+            decode=lambda raw: kombu_json.loads(bytes_to_str(raw)),
+            build=lambda envelope: self.Message(envelope, channel=self),
+        )
+        self._popped = (item, queue)
+        return dest, vetted
+
+    def _brpop_read(self, **options: Any) -> Any:
+        """kombu's read of a popped message; one kombu still cannot take (the vetting
+        missed a case) becomes a stand-in for the dead-letter list, not an error that
+        ends the consumer with the message already off the queue."""
+        self._popped = None
+        try:
+            return super()._brpop_read(**options)  # type: ignore[misc]
+        except (Empty, *getattr(self, "connection_errors", ())):
+            raise
+        except Exception as exc:
+            if self._popped is None:
+                raise
+            item, queue = self._popped
+            detail = f"kombu could not take the message ({type(exc).__name__})"
+            payload = kombu_json.loads(stand_in(item, queue, "bad_envelope", detail))
+            self.connection._deliver(payload, queue)
+            return True
+
+    def _deliver_fanout_message(self, message: Any, exchange: Any) -> Any:
+        """A broadcast (remote control) message kombu cannot take is dropped, not raised."""
+        try:
+            return super()._deliver_fanout_message(message, exchange)  # type: ignore[misc]
+        except Exception as exc:  # noqa: BLE001 - the consumer's loop must survive it
+            log.warning(
+                "a broadcast message was dropped: kombu cannot take it (%s)", type(exc).__name__
+            )
+            raise Empty() from None
 
     def _get_pool(self, asynchronous: bool = False) -> Any:
         # mypy does not see kombu's _get_pool (kombu defines it, untyped), nor types

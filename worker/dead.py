@@ -22,7 +22,7 @@ import dataclasses
 import json
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,19 +104,25 @@ def _short_id(value: Any) -> str | None:
 
 
 def _envelope_problem(envelope: Any) -> str | None:
-    """What keeps kombu from building a message out of ``envelope``; None when nothing."""
+    """What keeps kombu or Celery from taking ``envelope``; None when nothing."""
     if not isinstance(envelope, dict):
         return "the envelope is not a JSON object"
     properties = envelope.get("properties")
     if not isinstance(properties, dict):
         return "the envelope has no properties"
-    if not isinstance(properties.get("delivery_tag"), str | int):
+    tag = properties.get("delivery_tag")
+    if isinstance(tag, bool) or not isinstance(tag, str | int):
         return "the envelope has no delivery tag"
     info = properties.get("delivery_info")
-    if not isinstance(info, dict) or "exchange" not in info or "routing_key" not in info:
+    if not (
+        isinstance(info, dict)
+        and isinstance(info.get("exchange"), str)
+        and isinstance(info.get("routing_key"), str)
+    ):
         return "the envelope has no delivery info"
-    headers = envelope.get("headers")
-    if headers is not None and not isinstance(headers, dict):
+    if properties.get("body_encoding", "base64") != "base64":
+        return "the envelope's body encoding is not base64"
+    if not isinstance(envelope.get("headers"), dict):
         return "the envelope's headers are not an object"
     for name in ("content-type", "content-encoding"):
         if not isinstance(envelope.get(name), str | None):
@@ -126,19 +132,30 @@ def _envelope_problem(envelope: Any) -> str | None:
         return None
     if not isinstance(body, str):
         return "the envelope's body is not a string"
-    if properties.get("body_encoding") == "base64":
-        try:
-            base64.b64decode(body, validate=True)
-        except (binascii.Error, ValueError):
-            return "the envelope's body is not valid base64"
+    try:
+        base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        return "the envelope's body is not valid base64"
     return None
 
 
-def vet_envelope(item: bytes, queue: str, max_bytes: int) -> bytes:
-    """``item`` when kombu can build a message out of it, else a stand-in that can."""
+def vet_envelope(
+    item: bytes,
+    queue: str,
+    max_bytes: int,
+    *,
+    decode: Callable[[bytes], Any],
+    build: Callable[[Any], object],
+) -> bytes:
+    """``item`` when kombu can take it, else a stand-in that can.
+
+    ``decode`` and ``build`` are what the transport does next with the item (kombu's
+    JSON decoder, its message class): the item is tried with them, so that nothing it
+    holds can raise later, where it would end the consumer and lose the message.
+    """
     try:
-        envelope = json.loads(item)
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        envelope = decode(item)
+    except Exception:  # noqa: BLE001 - whatever kombu's decoder raises on hostile bytes
         return stand_in(item, queue, "undecodable", "the message is not JSON")
     task_id = None
     if isinstance(envelope, dict) and isinstance(envelope.get("headers"), dict):
@@ -147,6 +164,11 @@ def vet_envelope(item: bytes, queue: str, max_bytes: int) -> bytes:
         detail = f"the message is over {max_bytes} bytes"
         return stand_in(item, queue, "too_large", detail, task_id=task_id)
     problem = _envelope_problem(envelope)
+    if problem is None:
+        try:
+            build(envelope)
+        except Exception as exc:  # noqa: BLE001 - the trial is there to catch anything
+            problem = f"kombu cannot take the envelope ({type(exc).__name__})"
     if problem is None:
         return item
     return stand_in(item, queue, "bad_envelope", problem, task_id=task_id)

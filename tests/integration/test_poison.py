@@ -17,6 +17,7 @@ import redis
 
 from tests.http_support import wait_for
 from tests.service_support import Stack
+from worker.celery import create_app
 from worker.keys import Keys
 from worker.mockllm import MockLLM
 
@@ -117,7 +118,37 @@ def catalogue(queue: str) -> list[tuple[bytes, str, str | None]]:
             "bad_envelope",
             "no-task",
         ),
+        (
+            b"\xef\xbb\xbf" + envelope(job_body(job), queue=queue, task_id="bom"),
+            "undecodable",
+            None,
+        ),
+        (envelope(job_body(job), queue=queue).decode().encode("utf-16"), "undecodable", None),
+        (b'{"__type__": "bytes", "__value__": "' + CANARY.encode() + b'"}', "bad_envelope", None),
+        (
+            reshaped(envelope(job_body(job), queue=queue, task_id="rot13"), body_encoding="rot13"),
+            "bad_envelope",
+            "rot13",
+        ),
+        (
+            reshaped(envelope(job_body(job), queue=queue, task_id="bool-tag"), delivery_tag=True),
+            "bad_envelope",
+            "bool-tag",
+        ),
+        (nulled_headers(envelope(job_body(job), queue=queue)), "bad_envelope", None),
     ]
+
+
+def reshaped(raw: bytes, **properties: Any) -> bytes:
+    doc = json.loads(raw)
+    doc["properties"].update(properties)
+    return json.dumps(doc).encode()
+
+
+def nulled_headers(raw: bytes) -> bytes:
+    doc = json.loads(raw)
+    doc["headers"] = None
+    return json.dumps(doc).encode()
 
 
 def _log(client: redis.Redis, keys: Keys, job_id: str) -> list[dict[str, Any]]:
@@ -182,3 +213,25 @@ def test_a_broken_copy_of_a_running_or_finished_jobs_message_leaves_the_job_alon
             what="the broken copy dead-lettered",
         )
     assert _log(redis_client, keys, done.job_id) == first
+
+
+def test_a_malformed_broadcast_leaves_remote_control_working(
+    stack: Stack, mock: MockLLM, redis_client: redis.Redis
+) -> None:
+    """Broadcast (remote control) messages kombu cannot take are dropped: the worker
+    still answers a ping and runs jobs."""
+    db = redis_client.connection_pool.connection_kwargs.get("db", 0)
+    with stack.worker("a", concurrency=2) as worker:
+        for raw in (b'{"a": 1}', b"[]", b'{"__type__": "bytes", "__value__": "x"}'):
+            redis_client.publish(f"/{db}.celery.pidbox", raw)
+        app = create_app(stack.settings)
+        try:
+            replies = app.control.ping(destination=[worker.hostname], timeout=5)
+        finally:
+            app.close()
+        job = stack.client.submit("support", [{"role": "user", "content": "after"}])
+        events = list(job.events(timeout=30))
+        alive = worker.proc.poll() is None
+    assert alive
+    assert replies
+    assert events[-1]["type"] == "completed"
