@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import json
 import logging
 import threading
@@ -40,6 +41,8 @@ class RelieverTask(Task[Any, Any]):
     _fallback_redis: redis.Redis | None = None
     _orphans: OrphanSweep | None = None
     _orphan_connection: Connection | None = None
+    _orphans_lock = threading.Lock()
+    _drained: threading.Event | None = None
     _service_lock = threading.Lock()
     node: str | None = None
     """The worker's node name (for the events the reporter sends), from its first job."""
@@ -105,19 +108,20 @@ class RelieverTask(Task[Any, Any]):
         service = self._service
         if service is None:
             return []
-        if self._orphans is None:
-            self._orphan_connection = self.app.connection_for_write()
-            self._orphans = OrphanSweep(
-                self._orphan_connection.default_channel,
-                service.claimed,
-                older_than_s=service.runtime.settings.lease_ttl_s,
-            )
-        try:
-            return self._orphans.sweep()
-        except Exception:
-            # A fresh connection at the next reap (the broker may have restarted).
-            self._close_orphan_connection()
-            raise
+        with self._orphans_lock:
+            if self._orphans is None:
+                self._orphan_connection = self.app.connection_for_write()
+                self._orphans = OrphanSweep(
+                    self._orphan_connection.default_channel,
+                    service.claimed,
+                    older_than_s=service.runtime.settings.lease_ttl_s,
+                )
+            try:
+                return self._orphans.sweep()
+            except Exception:
+                # A fresh connection at the next reap (the broker may have restarted).
+                self._close_orphan_connection()
+                raise
 
     def _close_orphan_connection(self) -> None:
         if self._orphan_connection is not None:
@@ -135,24 +139,41 @@ class RelieverTask(Task[Any, Any]):
             kwargsrepr="{}",
         )
 
+    def start_drain(self) -> None:
+        """The worker is shutting down: :meth:`drain` in a thread of its own, which
+        :meth:`shutdown` waits for (bounded) before the process goes.
+
+        Called in a signal handler: not ``threading.Thread(...).start()``, which waits for
+        the thread to start, and a handler on gevent's hub must not block
+        (BlockingSwitchOutError).
+        """
+        if self._drained is None:
+            self._drained = threading.Event()
+            _thread.start_new_thread(self.drain, ())
+
     def drain(self) -> None:
-        """The worker is shutting down: let jobs finish for ``drain_s``, hand off the rest."""
-        service = self._service
-        if service is None:
-            return
-        grace_s = service.runtime.settings.drain_s
-        log.info("shutting down: running jobs have %ss to finish, then move on", grace_s)
+        """Let jobs finish for ``drain_s``, hand off the rest, re-enqueue them."""
         try:
+            service = self._service
+            if service is None:
+                return
+            grace_s = service.runtime.settings.drain_s
+            log.info("shutting down: running jobs have %ss to finish, then move on", grace_s)
             handed = service.drain(grace_s)
+            if handed:
+                log.warning("handed %d job(s) off to other workers: %s", len(handed), handed)
         except Exception:
-            # Whatever was not handed off is still listed as running: once this process
+            # Whatever was not re-enqueued is still listed as running: once this process
             # is gone its leases lapse and another worker's reaper re-enqueues those jobs.
             log.exception("could not hand every job off; other workers will reap them")
-            return
-        if handed:
-            log.warning("handed %d job(s) off to other workers: %s", len(handed), handed)
+        finally:
+            if self._drained is not None:
+                self._drained.set()
 
     def shutdown(self) -> None:
+        if self._drained is not None:
+            # The drain re-enqueues what it handed off: the process waits for it.
+            self._drained.wait(DRAIN_FINISH_S)
         if self._reporter is not None:
             self._reporter.stop()
             self._reporter = None
@@ -167,11 +188,15 @@ class RelieverTask(Task[Any, Any]):
             self._service.stop()
             self._service.runtime.close()
             self._service = None
-        self._close_orphan_connection()
+        with self._orphans_lock:
+            self._close_orphan_connection()
         if self._fallback_redis is not None:
             self._fallback_redis.close()
             self._fallback_redis = None
 
+
+DRAIN_FINISH_S = 30.0
+"""The longest a stopping worker waits for its drain to re-enqueue what it handed off."""
 
 RUNNING = "RUNNING"
 """The custom state Flower shows while a job runs; its meta names the model and attempt."""

@@ -8,7 +8,6 @@ on for Flower, result expiry, and broker retries at start-up.
 
 from __future__ import annotations
 
-import _thread
 import gc
 import logging
 import sys
@@ -104,7 +103,10 @@ def _start_worker(**_: Any) -> None:
     settings = get_settings()
     agents_or_exit(settings)
     configure_logging(settings)
-    start_observability(settings)
+    try:
+        start_observability(settings)
+    except ConfigError as exc:
+        _exit_config(exc.message)
 
 
 GC_THRESHOLDS = (7000, 10, 10)
@@ -145,13 +147,10 @@ def _drain(how: str = "", **_: Any) -> None:
     Celery stops consuming and waits for running tasks; the service gives them
     ``RELIEVER_DRAIN_S`` to finish, then hands the rest to other workers, and the tasks
     it stopped return at once, so the process exits within the grace plus a moment.
-    Runs in the signal handler: the work goes to a thread of its own.
     """
-    drain = getattr(current_app.tasks.get(TASK_NAME), "drain", None)
-    if how == "Warm" and drain is not None:
-        # Not threading.Thread(...).start(): it waits for the thread to start, which a
-        # signal handler on gevent's hub must not (BlockingSwitchOutError).
-        _thread.start_new_thread(drain, ())
+    start_drain = getattr(current_app.tasks.get(TASK_NAME), "start_drain", None)
+    if how == "Warm" and start_drain is not None:
+        start_drain()
 
 
 @signals.worker_shutdown.connect

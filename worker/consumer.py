@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import redis
 from celery.worker import loops
 from celery.worker import state as worker_state
 from celery.worker.consumer import Consumer
@@ -178,6 +179,10 @@ class PromptConsumer(Consumer):
         try:
             task: Any = self.app.tasks[TASK_NAME]
             task.service.dead_letter(letter)
+        except (redis.ConnectionError, redis.TimeoutError):
+            # Reliever's Redis is away: not acknowledged, the message comes back with the
+            # broker connection Celery now re-establishes, to be recorded then.
+            raise
         except Exception:
             logger.exception(
                 "a broker message could not be dead-lettered (reason %s); dropping it",

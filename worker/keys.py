@@ -13,6 +13,7 @@ key                       type        what
 ``{p}:control``           channel     cancellations, for the worker running the job
 ``{p}:lease:{job}``       string      the running worker's lease (short TTL, renewed)
 ``{p}:running``           hash        job id -> the job, for re-enqueueing lost jobs
+``{p}:reaping:{job}``     string      a reaper is re-enqueueing the lost job (short TTL)
 ``{p}:result:{job}``      string      the job's result (JSON), TTL = result expiry
 ``{p}:deadline:{job}``    string      the job's deadline (epoch s), fixed by its first run
 ``{p}:dead``              list        broker messages no worker can run (worker.dead)
@@ -63,3 +64,6 @@ class Keys:
 
     def dead(self) -> str:
         return f"{self.prefix}:dead"
+
+    def reaping(self, job_id: str) -> str:
+        return f"{self.prefix}:reaping:{job_id}"

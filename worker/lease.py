@@ -68,11 +68,26 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+# A job whose lease lapsed while listed: the first reaper to mark it claims it, and keeps
+# it listed until its message is back on the queue (KEYS: lease, running, reaping).
 _CLAIM_LOST = """
-if redis.call('EXISTS', KEYS[1]) == 0 and redis.call('HDEL', KEYS[2], ARGV[1]) == 1 then
-  return 1
+if redis.call('EXISTS', KEYS[1]) == 0 and redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[2]) then
+  local message = redis.call('HGET', KEYS[2], ARGV[1])
+  if message then
+    return message
+  end
+  redis.call('DEL', KEYS[3])
 end
-return 0
+return false
+"""
+# Its message is back on the queue: unlist it, unless a new run leased it meanwhile (whose
+# listing this is now).
+_REQUEUED = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HDEL', KEYS[2], ARGV[1])
+end
+redis.call('DEL', KEYS[3])
+return 1
 """
 
 
@@ -114,6 +129,7 @@ class Leases:
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
         self._claim = client.register_script(_CLAIM_LOST)
+        self._requeued = client.register_script(_REQUEUED)
         self._hand_off = client.register_script(_HAND_OFF)
         self._held: dict[str, tuple[str, Callable[[], None]]] = {}
         self._lock = threading.Lock()
@@ -168,9 +184,18 @@ class Leases:
             read_value=read_value,
         )
 
-    def release(self, job_id: str, token: str) -> None:
+    def _forget(self, job_id: str, token: str) -> bool:
+        """Stop renewing this run's lease (not another run's of the same job)."""
         with self._lock:
-            self._held.pop(job_id, None)
+            held = self._held.get(job_id)
+            if held is None or held[0] != token:
+                return False
+            del self._held[job_id]
+            return True
+
+    def release(self, job_id: str, token: str) -> None:
+        """The run ended: delete its lease and unlist the job (if the lease is still its)."""
+        self._forget(job_id, token)
         self._release(keys=[self._keys.lease(job_id), self._keys.running()], args=[token, job_id])
 
     def hand_off(self, job_id: str) -> bool:
@@ -207,22 +232,22 @@ class Leases:
         return token if taken else None
 
     def unlock(self, job_id: str, token: str) -> None:
-        """Give back a lease taken with :meth:`lock`."""
-        self._release(keys=[self._keys.lease(job_id), self._keys.running()], args=[token, job_id])
+        """Give back a lease taken with :meth:`lock` (the job's listing is not touched)."""
+        self._hand_off(keys=[self._keys.lease(job_id)], args=[token])
 
-    def abandon(self, job_id: str) -> None:
-        """Stop renewing the job's lease but leave it, and the job listed, to lapse.
+    def abandon(self, job_id: str, token: str) -> None:
+        """Stop renewing this run's lease but leave it, and the job listed, to lapse.
 
         For a run that cannot go on (Redis failed under it): once the lease lapses, the
         reaper re-enqueues the job, as for a worker that died.
         """
-        with self._lock:
-            self._held.pop(job_id, None)
+        self._forget(job_id, token)
 
-    def holds(self, job_id: str) -> bool:
-        """Whether this process holds (and renews) the job's lease."""
+    def holds(self, job_id: str, token: str) -> bool:
+        """Whether this process still holds (and renews) this run's lease."""
         with self._lock:
-            return job_id in self._held
+            held = self._held.get(job_id)
+            return held is not None and held[0] == token
 
     def held(self) -> list[str]:
         """The jobs whose leases this process holds."""
@@ -242,49 +267,47 @@ class Leases:
                 args=[token, round(self.ttl_s * 1000)],
                 client=pipe,
             )
-        for (job_id, (_, on_lost)), renewed in zip(held, pipe.execute(), strict=True):
-            if not renewed:
+        for (job_id, (token, on_lost)), renewed in zip(held, pipe.execute(), strict=True):
+            if not renewed and self._forget(job_id, token):
                 log.warning("job %s: lease lost to another worker; stopping this run", job_id)
-                with self._lock:
-                    self._held.pop(job_id, None)
                 on_lost()
 
     def claim_lost(self) -> list[dict[str, Any]]:
-        """Remove and return the messages of running jobs whose lease lapsed.
+        """Claim and return the messages of listed jobs whose lease lapsed.
 
-        One round trip per page of the running hash; each claim is atomic, so of all the
-        workers reaping at once exactly one gets each lost job.
+        A claimed job stays listed until :meth:`requeued` says its message is back on the
+        queue, so a reaper that dies in between loses nothing: the claim lapses after a
+        lease TTL and the next reaper claims the job again. Of all the workers reaping at
+        once, exactly one claims each lost job (one round trip per page of the listing).
         """
         lost: list[dict[str, Any]] = []
         cursor = 0
+        claim_ms = round(self.ttl_s * 1000)
         while True:
             reply: Any = self._redis.hscan(self._keys.running(), cursor, count=200)
             cursor, page = reply
             with self._lock:
                 # This process's own jobs are alive: no need to ask Redis about them.
-                entries = [
-                    (job_id, message)
-                    for job_id, message in page.items()
-                    if _text(job_id) not in self._held
-                ]
-            if entries:
+                names = [_text(job_id) for job_id in page if _text(job_id) not in self._held]
+            if names:
                 pipe = self._redis.pipeline(transaction=False)
-                for job_id, _ in entries:
-                    name = _text(job_id)
-                    self._claim(
-                        keys=[self._keys.lease(name), self._keys.running()],
-                        args=[name],
-                        client=pipe,
-                    )
-                for (_, message), claimed in zip(entries, pipe.execute(), strict=True):
-                    if claimed:
-                        lost.append(json.loads(message))
+                for name in names:
+                    self._claim(keys=self._reap_keys(name), args=[name, claim_ms], client=pipe)
+                lost += [json.loads(message) for message in pipe.execute() if message]
             if cursor == 0:
                 return lost
 
-    def put_back(self, message: dict[str, Any]) -> None:
-        """List a claimed job as running again (its re-enqueue failed; the next reap retries)."""
-        self._redis.hsetnx(self._keys.running(), message["job_id"], json.dumps(message))
+    def requeued(self, job_id: str) -> None:
+        """A claimed job's message is back on the queue: unlist it (unless a new run has
+        leased it already) and drop the claim."""
+        self._requeued(keys=self._reap_keys(job_id), args=[job_id])
+
+    def unclaim(self, job_id: str) -> None:
+        """A claimed job could not be re-enqueued: the next reap tries it again."""
+        self._redis.delete(self._keys.reaping(job_id))
+
+    def _reap_keys(self, job_id: str) -> list[str]:
+        return [self._keys.lease(job_id), self._keys.running(), self._keys.reaping(job_id)]
 
     def start(self, *, reap: Callable[[], None] | None = None) -> None:
         """Start the renewer thread and, with ``reap``, the reaper; both every ``ttl/3``."""

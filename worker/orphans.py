@@ -24,10 +24,12 @@ from typing import Any
 
 from worker.dead import job_id_in_body
 
-SCAN_LIMIT = 500
-"""The most messages one sweep looks at (the oldest first)."""
-RECHECK_S = 60.0
-"""How long a message found leased is not looked at again."""
+PAGE = 1000
+"""Tags read from the delivery-time index per round trip."""
+SCAN_LIMIT = 20_000
+"""The most old messages one sweep walks (the oldest first)."""
+CHECK_LIMIT = 500
+"""The most messages one sweep reads and checks (those not known to be leased)."""
 
 
 def _job_id_of(envelope: Any) -> str | None:
@@ -46,6 +48,11 @@ def _job_id_of(envelope: Any) -> str | None:
 class OrphanSweep:
     """Finds and restores orphaned messages on one kombu Redis channel.
 
+    A message once found leased stays known until it leaves kombu's index (its task
+    was acknowledged): its job is leased or listed from then on, and the lease's reaper
+    covers it. So a sweep reads and checks only new old messages, however many long
+    jobs run.
+
     Args:
         channel: a channel of the broker connection (kombu's Redis transport).
         claimed: for a list of job ids, whether each is leased, running or ended.
@@ -58,18 +65,28 @@ class OrphanSweep:
         self._channel = channel
         self._claimed = claimed
         self._older_than_s = older_than_s
-        self._leased_until: dict[bytes, float] = {}
+        self._leased: set[bytes] = set()
+
+    def _old_tags(self) -> list[bytes]:
+        client = self._channel.client
+        until = time.time() - self._older_than_s
+        tags: list[bytes] = []
+        while len(tags) < SCAN_LIMIT:
+            page: list[bytes] = client.zrangebyscore(
+                self._channel.unacked_index_key, "-inf", until, start=len(tags), num=PAGE
+            )
+            tags += page
+            if len(page) < PAGE:
+                break
+        return tags
 
     def sweep(self) -> list[str]:
         """Restore the orphans found now; their job ids."""
         channel = self._channel
         client = channel.client
-        now = time.time()
-        self._leased_until = {t: u for t, u in self._leased_until.items() if u > now}
-        tags: list[bytes] = client.zrangebyscore(
-            channel.unacked_index_key, "-inf", now - self._older_than_s, start=0, num=SCAN_LIMIT
-        )
-        tags = [tag for tag in tags if tag not in self._leased_until]
+        old = self._old_tags()
+        self._leased &= set(old)
+        tags = [tag for tag in old if tag not in self._leased][:CHECK_LIMIT]
         if not tags:
             return []
         found: list[tuple[bytes, str]] = []
@@ -87,7 +104,7 @@ class OrphanSweep:
         flags = self._claimed([job_id for _tag, job_id in found])
         for (tag, job_id), claimed in zip(found, flags, strict=True):
             if claimed:
-                self._leased_until[tag] = now + RECHECK_S
+                self._leased.add(tag)
                 continue
             channel.qos.restore_by_tag(tag, client=client)
             restored.append(job_id)

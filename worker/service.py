@@ -61,6 +61,11 @@ log = logging.getLogger(__name__)
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 """Redis did not answer: an outage to wait out or leave to the reaper, never a job's end."""
 
+
+class ReapIncomplete(Exception):
+    """Some lost jobs could not be re-enqueued this time (they stay listed)."""
+
+
 Progress = Callable[[Event], None]
 Enqueue = Callable[[dict[str, Any]], None]
 
@@ -114,6 +119,7 @@ class Service:
         self._restore_orphans = restore_orphans
         self._draining = threading.Event()
         self._released = threading.Condition()
+        self._reaping = threading.Lock()
 
     def start(self) -> None:
         """Start the cancel listener and the lease keeper (which also reaps)."""
@@ -129,7 +135,7 @@ class Service:
 
         From the call on, a job that takes its lease is handed off at once. Returns the ids
         of the jobs handed off; each is re-enqueued before this returns (or, if that
-        failed, left for any worker's reaper within a lease TTL).
+        failed, left listed for any worker's reaper within a lease TTL).
         """
         self._draining.set()
         ends = time.monotonic() + grace_s
@@ -141,24 +147,42 @@ class Service:
         return handed
 
     def _hand_off(self, job_id: str) -> bool:
-        if not self.leases.hand_off(job_id):
+        try:
+            if not self.leases.hand_off(job_id):
+                return False
+        except redis.RedisError as exc:
+            # Its lease stands and is renewed: the run goes on here until the process
+            # ends, and then its lease lapses and any worker's reaper takes the job.
+            log.warning("job %s: could not be handed off (%s)", job_id, type(exc).__name__)
             return False
         log.warning("job %s: this worker is shutting down; handing the job off", job_id)
         return True
 
     def reap(self) -> None:
         """Re-enqueue the jobs whose worker died: leased ones whose lease lapsed before
-        they ended, and messages taken by a worker that died before leasing their job."""
-        for message in self.leases.claim_lost():
-            log.warning("job %s lost its worker; re-enqueueing it", message.get("job_id"))
-            try:
-                self._enqueue(message)
-            except Exception:
-                self.leases.put_back(message)
-                raise
-        if self._restore_orphans is not None:
-            for job_id in self._restore_orphans():
-                log.warning("job %s: its worker died before starting it; restored", job_id)
+        they ended, and messages taken by a worker that died before leasing their job.
+
+        One reap at a time in a process (the reaper thread, the drain, a job handed off as
+        it starts). A job is unlisted only once its message is back on the queue.
+        """
+        with self._reaping:
+            failures = 0
+            for message in self.leases.claim_lost():
+                job_id = str(message.get("job_id"))
+                log.warning("job %s lost its worker; re-enqueueing it", job_id)
+                try:
+                    self._enqueue(message)
+                except Exception:
+                    failures += 1
+                    log.exception("job %s: re-enqueueing failed; the next reap retries", job_id)
+                    self.leases.unclaim(job_id)
+                    continue
+                self.leases.requeued(job_id)
+            if self._restore_orphans is not None:
+                for job_id in self._restore_orphans():
+                    log.warning("job %s: its worker died before starting it; restored", job_id)
+            if failures:
+                raise ReapIncomplete(f"{failures} lost job(s) could not be re-enqueued")
 
     def claimed(self, job_ids: list[str]) -> list[bool]:
         """For each job, whether a run leases it, it is listed as running, or it ended."""
@@ -195,7 +219,11 @@ class Service:
                 log.info("job %s is running elsewhere; dropping this delivery", job_id)
                 return None
             if self._draining.is_set() and self._hand_off(job_id):
-                self.reap()
+                try:
+                    self.reap()
+                except Exception:
+                    # The job stays listed: any worker's reaper re-enqueues it.
+                    log.exception("job %s: handed off, not yet re-enqueued", job_id)
                 return None
             if lease.cancelled:
                 cancel.cancel()
@@ -236,7 +264,8 @@ class Service:
     ) -> dict[str, Any] | None:
         """Run the job under its lease; release the lease once the job ended or moved on.
 
-        Redis failing under the run leaves the job to the reaper: the lease is no longer
+        Redis failing under the run (an outage, or a refused write) leaves the job to the
+        reaper: the lease is no longer
         renewed, but not released, so it lapses with the job still listed as running, and
         the job is re-enqueued within a lease TTL plus a reap interval. A job is never
         let go without a terminal event in its log.
@@ -244,8 +273,10 @@ class Service:
         job_id = job.job_id
         try:
             result = self._run(job, agent, lease, cancel, progress)
-        except REDIS_ERRORS as exc:
-            self.leases.abandon(job_id)
+        except redis.RedisError as exc:
+            # Not answering, or refusing writes (out of memory, read-only): the run may
+            # have no terminal event, so it must not let the job go.
+            self.leases.abandon(job_id, lease.token)
             log.warning(
                 "job %s: Redis failed under the run (%s); it will be re-enqueued once its "
                 "lease lapses",
@@ -254,7 +285,7 @@ class Service:
             )
             return None
         finally:
-            if self.leases.holds(job_id):
+            if self.leases.holds(job_id, lease.token):
                 self.leases.release(job_id, lease.token)
             with self._released:
                 self._released.notify_all()
@@ -392,28 +423,33 @@ class Service:
         if job_id is not None:
             self._fail_unstarted(job_id, InvalidMessage(f"the broker message: {letter.detail}"))
 
-    def _fail_unstarted(self, job_id: str, error: JobError) -> None:
-        """End a job that never ran with ``failed``; leave a job that ran (or runs) alone:
-        a broken copy of its message changes nothing of it."""
+    def _fail_unstarted(self, job_id: str, error: JobError) -> dict[str, Any] | None:
+        """End a job that never ran with ``failed``; its result. None, and nothing
+        written, for a job that ran or runs: a broken copy of its message, or one met by
+        a worker whose agents file differs, changes nothing of it."""
         rt = self.runtime
         token = self.leases.lock(job_id)
         if token is None:
-            return
+            return None
         try:
-            if rt.redis.exists(rt.keys.seq(job_id), rt.keys.result(job_id)):
-                return
+            if rt.redis.exists(rt.keys.seq(job_id), rt.keys.result(job_id)) or rt.redis.hexists(
+                rt.keys.running(), job_id
+            ):
+                # It published, ended, or waits (listed) for a reaper to re-enqueue it.
+                return None
+            ttl_s = rt.settings.event_ttl
             sink = RedisEventLog(
-                rt.redis, rt.keys, job_id, rt.clock, ttl_s=rt.settings.event_ttl, lease_token=token
+                rt.redis, rt.keys, job_id, rt.clock, ttl_s=ttl_s, lease_token=token
             )
-            event = sink.emit({"type": "failed", "error": error.info(), "attempts": []})
-            self._store(job_id, result_of(event))
+            result = result_of(sink.emit({"type": "failed", "error": error.info(), "attempts": []}))
+            self._store(job_id, result)
+            return result
         finally:
             self.leases.unlock(job_id, token)
 
-    def _reject(self, job_id: str, error: JobError) -> dict[str, Any]:
-        rt = self.runtime
+    def _reject(self, job_id: str, error: JobError) -> dict[str, Any] | None:
         observe_rejected(job_id, error)
-        return fail_job(rt.redis, rt.keys, rt.clock, rt.settings, job_id, error)
+        return self._fail_unstarted(job_id, error)
 
     def _store(self, job_id: str, result: dict[str, Any]) -> None:
         store_result(self.runtime.redis, self.runtime.keys, self.runtime.settings, job_id, result)

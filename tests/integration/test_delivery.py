@@ -18,12 +18,13 @@ from settings import Settings
 from tests.http_support import free_port, wait_for
 from worker.clock import CancelToken, SystemClock
 from worker.control import CancelListener
+from worker.dead import DeadLetter
 from worker.keys import Keys
 from worker.lease import Leases
 from worker.mockllm import MockLLM, Reply
 from worker.redis_events import LeaseLost, RedisEventLog
 from worker.runtime import build_runtime
-from worker.service import Service
+from worker.service import ReapIncomplete, Service
 
 
 def log_of(client: redis.Redis, keys: Keys, job_id: str) -> list[dict[str, Any]]:
@@ -96,7 +97,9 @@ def test_a_waited_event_ends_the_writers_window(redis_client: redis.Redis, keys:
     s = sink(redis_client, keys, "urgent", flush_window_s=60.0)
     s.emit({"type": "delta", "n": 1, "text": "a"})
     s.emit({"type": "delta", "n": 1, "text": "b"})  # queued: the window holds it
-    waited = threading.Thread(target=s.emit, args=({"type": "delta", "n": 2, "text": "c"},))
+    waited = threading.Thread(
+        target=s.emit, args=({"type": "delta", "n": 2, "text": "c"},), daemon=True
+    )
     waited.start()  # waited for: ends the window
     waited.join(5)
     assert not waited.is_alive(), "the waited delta stayed in the window"
@@ -258,22 +261,48 @@ def test_leases_keep_renewing_when_the_reaper_fails(
     assert redis_client.get(keys.lease("kept")) == lease.token.encode()
 
 
-def test_leases_claim_a_lapsed_job_once_and_put_it_back(
+def test_leases_claim_a_lapsed_job_once_and_keep_it_listed_until_requeued(
     leases: Leases, redis_client: redis.Redis, keys: Keys
 ) -> None:
     """A job whose lease lapsed is claimed by one reaper only, never by the process that
-    holds it (its own renewals find the loss); put_back lists it again."""
+    holds it (its own renewals find the loss). It stays listed while claimed: a claim
+    given back (the re-enqueue failed) is claimed again; once requeued, it is unlisted."""
     other, third = Leases(redis_client, keys, ttl_s=0.3), Leases(redis_client, keys, ttl_s=0.3)
     leases.acquire("lost", {"job_id": "lost", "agent": "a"}, on_lost=lambda: None)
     redis_client.delete(keys.lease("lost"))
 
     by_holder = leases.claim_lost()
     claimed = other.claim_lost() + third.claim_lost()
-    other.put_back(claimed[0])
+    listed_while_claimed = redis_client.hexists(keys.running(), "lost")
+    other.unclaim("lost")
+    again = third.claim_lost()
+    third.requeued("lost")
 
     assert by_holder == []
     assert claimed == [{"job_id": "lost", "agent": "a"}]
-    assert redis_client.hexists(keys.running(), "lost")
+    assert listed_while_claimed
+    assert again == claimed
+    assert not redis_client.hexists(keys.running(), "lost")
+    assert not redis_client.exists(keys.reaping("lost"))
+
+
+def test_a_requeued_job_that_a_new_run_leased_meanwhile_stays_listed(
+    leases: Leases, redis_client: redis.Redis, keys: Keys
+) -> None:
+    """The re-enqueued copy can start before the reaper unlists the job: the new run's
+    listing stays (its worker could die too)."""
+    reaper = Leases(redis_client, keys, ttl_s=5)
+    leases.acquire("fast", {"job_id": "fast"}, on_lost=lambda: None)
+    redis_client.delete(keys.lease("fast"))
+    assert reaper.claim_lost() == [{"job_id": "fast"}]
+    rerun = Leases(redis_client, keys, ttl_s=5).acquire(
+        "fast", {"job_id": "fast"}, on_lost=lambda: None
+    )
+
+    reaper.requeued("fast")
+
+    assert rerun is not None
+    assert redis_client.hexists(keys.running(), "fast")
 
 
 def test_lease_comes_with_the_jobs_state_and_is_refused_while_held(
@@ -334,20 +363,24 @@ def test_cancel_listener_reaches_every_token_of_a_job_and_unregisters_one(
     assert listener._tokens == {"dup": [running]}
 
 
-@pytest.fixture
-def service(redis_url: str, key_prefix: str, mock: MockLLM, tmp_path) -> Iterator[Service]:
+def write_agents_for(tmp_path: Path, mock: MockLLM) -> Path:
     agents = tmp_path / "agents.yaml"
     agents.write_text(
         "models:\n"
         f"  primary: {{provider: openai, base_url: '{mock.url}/v1', model: primary}}\n"
         "agents:\n  support: {model: primary}\n"
     )
+    return agents
+
+
+@pytest.fixture
+def service(redis_url: str, key_prefix: str, mock: MockLLM, tmp_path: Path) -> Iterator[Service]:
     settings = Settings(
         _env_file=None,
         environment="test",
         redis_url=redis_url,
         key_prefix=key_prefix,
-        agents_file=str(agents),
+        agents_file=str(write_agents_for(tmp_path, mock)),
     )
     runtime = build_runtime(settings)
     yield Service(runtime, enqueue=lambda message: None)
@@ -446,3 +479,57 @@ def test_service_bug_before_the_chain_starts_still_ends_the_job_once(
     assert not redis_client.exists(keys.lease("broken-log"))
     assert not redis_client.hexists(keys.running(), "broken-log")
     assert mock.count("primary") == 0
+
+
+def test_a_broken_copy_of_a_job_waiting_for_the_reaper_leaves_it_listed(
+    service: Service, redis_client: redis.Redis, keys: Keys
+) -> None:
+    """A job handed off (listed, no lease) whose message arrives broken: the dead letter
+    writes nothing for it and it stays listed, so a reaper still re-enqueues it."""
+    service.leases.acquire("waiting", message("waiting"), on_lost=lambda: None)
+    service.leases.hand_off("waiting")
+
+    service.dead_letter(DeadLetter("bad_body", "test", b"[1]", task_id="waiting"))
+
+    assert redis_client.hexists(keys.running(), "waiting")
+    assert log_of(redis_client, keys, "waiting") == []
+    assert [m["job_id"] for m in Leases(redis_client, keys, ttl_s=5).claim_lost()] == ["waiting"]
+
+
+def test_a_failed_re_enqueue_leaves_only_that_job_listed(
+    redis_url: str, key_prefix: str, tmp_path: Path, mock: MockLLM, redis_client: redis.Redis
+) -> None:
+    """Three lost jobs, the broker refusing one: the other two are re-enqueued and
+    unlisted, the third stays listed for the next reap, which takes it."""
+    sent: list[str] = []
+    refuse = {"b"}
+
+    def enqueue(message: dict[str, Any]) -> None:
+        if message["job_id"] in refuse:
+            raise ConnectionError("broker down")
+        sent.append(message["job_id"])
+
+    settings = Settings(
+        _env_file=None, environment="test", redis_url=redis_url, key_prefix=key_prefix,
+        agents_file=str(write_agents_for(tmp_path, mock)),
+    )  # fmt: skip
+    runtime = build_runtime(settings)
+    keys = Keys(key_prefix)
+    try:
+        reaper = Service(runtime, enqueue=enqueue)
+        dead = Leases(redis_client, keys, ttl_s=5)
+        for job_id in ("a", "b", "c"):
+            dead.acquire(job_id, message(job_id), on_lost=lambda: None)
+            redis_client.delete(keys.lease(job_id))
+
+        with pytest.raises(ReapIncomplete):
+            reaper.reap()
+        listed = sorted(k.decode() for k in redis_client.hkeys(keys.running()))
+        refuse.clear()
+        reaper.reap()
+    finally:
+        runtime.close()
+
+    assert listed == ["b"]
+    assert sorted(sent) == ["a", "b", "c"]
+    assert redis_client.hlen(keys.running()) == 0

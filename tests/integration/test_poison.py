@@ -226,7 +226,12 @@ def test_a_malformed_broadcast_leaves_remote_control_working(
             redis_client.publish(f"/{db}.celery.pidbox", raw)
         app = create_app(stack.settings)
         try:
-            replies = app.control.ping(destination=[worker.hostname], timeout=5)
+            replies = wait_for(
+                lambda: app.control.ping(destination=[worker.hostname], timeout=2) or None,
+                timeout_s=30,
+                interval_s=0.5,
+                what="the worker answering a ping",
+            )
         finally:
             app.close()
         job = stack.client.submit("support", [{"role": "user", "content": "after"}])

@@ -69,9 +69,12 @@ def test_a_redis_restart_mid_run_loses_no_job_and_stops_no_worker(
             stack.client.close()
 
     assert alive == [True, True], "a worker exited because Redis restarted"
+    # Each run waited the outage out under its lease: none was rerun.
+    assert mock.count("slow") == JOBS
     for job_id, events in logs.items():
         types = [e["type"] for e in events]
         assert [e["seq"] for e in events] == list(range(1, len(events) + 1)), job_id
         assert types.count("completed") + types.count("failed") == 1, (job_id, types)
         assert events[-1]["type"] == "completed", (job_id, events[-1])
         assert events[-1]["text"] == " ".join(WORDS)
+        assert "restarted" not in types, job_id

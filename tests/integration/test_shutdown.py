@@ -14,8 +14,8 @@ from tests.service_support import Stack
 from worker.celery import create_app
 from worker.mockllm import MockLLM, Reply
 
-DRAIN_S = 5.0
-SHORT_WORDS = [f"s{i}" for i in range(12)]
+DRAIN_S = 8.0
+SHORT_WORDS = [f"s{i}" for i in range(25)]
 LONG_WORDS = [f"l{i}" for i in range(120)]
 
 
