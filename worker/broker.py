@@ -17,10 +17,11 @@ as kombu's own Redis transport parses it.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from queue import Empty
-from typing import Any
+from typing import Any, ClassVar
 
 import kombu.transport
 import redis
@@ -58,7 +59,10 @@ class Channel(kombu_redis.Channel):
     _shared_client: Any = None
 
     _popped: Any = None
-    """The last popped item and its queue (bytes, str), for :meth:`_brpop_read`."""
+    """The last popped item, its queue and its list's key (bytes, str, bytes)."""
+    _rescued: ClassVar[list[tuple[bytes, bytes]]] = []
+    """Items popped but not recorded as unacknowledged: (list key, item), process-wide."""
+    _rescued_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         # mypy does not see kombu's _create_client (kombu defines it, untyped).
@@ -84,26 +88,61 @@ class Channel(kombu_redis.Channel):
             decode=lambda raw: kombu_json.loads(bytes_to_str(raw)),
             build=lambda envelope: self.Message(envelope, channel=self),
         )
-        self._popped = (item, queue)
+        self._popped = (item, queue, dest)
         return dest, vetted
 
+    def _brpop_start(self, timeout: Any = None) -> Any:
+        self._push_back_rescued()
+        return super()._brpop_start(timeout)  # type: ignore[misc]
+
     def _brpop_read(self, **options: Any) -> Any:
-        """kombu's read of a popped message; one kombu still cannot take (the vetting
-        missed a case) becomes a stand-in for the dead-letter list, not an error that
-        ends the consumer with the message already off the queue."""
+        """kombu's read of a popped message, made safe for the message.
+
+        kombu pops an item, then records it as unacknowledged in a second round trip: an
+        item in hand when Redis goes away in between is kept and pushed back onto its
+        queue before the next pop. One kombu cannot take (the vetting missed a case)
+        becomes a stand-in for the dead-letter list, not an error that ends the consumer
+        with the message already off the queue.
+        """
         self._popped = None
+        lost_connection: tuple[type[BaseException], ...] = getattr(self, "connection_errors", ())
         try:
             return super()._brpop_read(**options)  # type: ignore[misc]
-        except (Empty, *getattr(self, "connection_errors", ())):
+        except Empty:
+            raise
+        except lost_connection:
+            if self._popped is not None:
+                item, _queue, dest = self._popped
+                with self._rescued_lock:
+                    self._rescued.append((dest, item))
+                log.warning("a message taken as Redis went away is kept, to be put back")
             raise
         except Exception as exc:
             if self._popped is None:
                 raise
-            item, queue = self._popped
+            item, queue, _dest = self._popped
             detail = f"kombu could not take the message ({type(exc).__name__})"
             payload = kombu_json.loads(stand_in(item, queue, "bad_envelope", detail))
             self.connection._deliver(payload, queue)
             return True
+
+    def _push_back_rescued(self) -> None:
+        """Put the kept items back at the head of their queues (the next to be popped)."""
+        with self._rescued_lock:
+            if not self._rescued:
+                return
+            items, self._rescued[:] = list(self._rescued), []
+        try:
+            with self.conn_or_acquire() as client:
+                pipe = client.pipeline(transaction=False)
+                for dest, item in items:
+                    pipe.rpush(dest, item)
+                pipe.execute()
+        except Exception:
+            with self._rescued_lock:
+                self._rescued[:0] = items
+            raise
+        log.warning("put back %d message(s) taken as Redis went away", len(items))
 
     def _deliver_fanout_message(self, message: Any, exchange: Any) -> Any:
         """A broadcast (remote control) message kombu cannot take is dropped, not raised."""
@@ -118,6 +157,13 @@ class Channel(kombu_redis.Channel):
     def _get_pool(self, asynchronous: bool = False) -> Any:
         # mypy does not see kombu's _get_pool (kombu defines it, untyped), nor types
         # redis-py's BlockingConnectionPool constructor.
+        if self.connection.client is None:
+            # The broker connection was lost and closed: kombu, closing the channel,
+            # still asks for a pool to put unacknowledged messages back. A connection
+            # error (which kombu ignores there) instead of its AttributeError, which
+            # ended the worker; those messages come back through the lease reaper and
+            # the orphan sweep.
+            raise redis.ConnectionError("the broker connection is closed")
         if asynchronous:
             return super()._get_pool(asynchronous=True)  # type: ignore[misc]
         # kombu's own pool parameters (and its fanout prefix bookkeeping), in a blocking pool.
