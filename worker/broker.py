@@ -29,7 +29,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.utils import json as kombu_json
 from kombu.utils.encoding import bytes_to_str
 
-from worker.dead import stand_in, vet_envelope
+from worker.dead import lost_connection_errors, stand_in, vet_envelope
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class Channel(kombu_redis.Channel):
         with the message already off the queue.
         """
         self._popped = None
-        lost_connection: tuple[type[BaseException], ...] = getattr(self, "connection_errors", ())
+        lost_connection = lost_connection_errors(getattr(self, "connection_errors", ()))
         try:
             return super()._brpop_read(**options)  # type: ignore[misc]
         except Empty:

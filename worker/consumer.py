@@ -19,7 +19,7 @@ from celery.worker import state as worker_state
 from celery.worker.consumer import Consumer
 
 from worker.broker import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES
-from worker.dead import TASK_NAME, DeadLetter, letter_for, vet
+from worker.dead import TASK_NAME, DeadLetter, letter_for, lost_connection_errors, vet
 
 logger = logging.getLogger(__name__)
 
@@ -152,9 +152,7 @@ class PromptConsumer(Consumer):
         unexpected error building Celery's request dead-letters the message too.
         """
         handle = super().create_task_handler(*args, **kwargs)
-        connection_errors: tuple[type[BaseException], ...] = tuple(
-            getattr(self, "connection_errors", ())
-        )
+        connection_errors = lost_connection_errors(tuple(getattr(self, "connection_errors", ())))
         max_bytes = int(
             self.app.conf.broker_transport_options.get(MAX_MESSAGE_BYTES, DEFAULT_MAX_MESSAGE_BYTES)
         )

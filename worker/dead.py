@@ -259,6 +259,8 @@ def vet(message: Any, max_bytes: int) -> DeadLetter | None:
         return dataclasses.replace(letter, size=size if isinstance(size, int) else None)
     if not isinstance(message.headers, dict) or "task" not in headers:
         return dead("bad_envelope", "the message names no task (Celery protocol 2 headers)")
+    if not isinstance(headers.get("id"), str):
+        return dead("bad_envelope", "the message has no task id (Celery protocol 2 headers)")
     if headers["task"] != TASK_NAME:
         return dead("unknown_task", f"this worker runs only {TASK_NAME}")
     if message.content_type != "application/json":
@@ -288,3 +290,12 @@ def vet(message: Any, max_bytes: int) -> DeadLetter | None:
             _job_id_in(args),
         )
     return None
+
+
+def lost_connection_errors(
+    errors: tuple[type[BaseException], ...],
+) -> tuple[type[BaseException], ...]:
+    """The errors of ``errors`` (a transport's ``connection_errors``) that mean the
+    connection is gone. kombu's Redis transport counts ``KeyError`` among them, which a
+    malformed message raises too: that one is the message's fault, not the connection's."""
+    return tuple(error for error in errors if not issubclass(error, LookupError))

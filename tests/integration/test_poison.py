@@ -136,6 +136,7 @@ def catalogue(queue: str) -> list[tuple[bytes, str, str | None]]:
             "bool-tag",
         ),
         (nulled_headers(envelope(job_body(job), queue=queue)), "bad_envelope", None),
+        (envelope(job_body(job), queue=queue), "bad_envelope", None),
     ]
 
 
