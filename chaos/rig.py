@@ -59,11 +59,11 @@ def redis_server_binary() -> str | None:
     return None
 
 
-def rss_mb(pid: int) -> float:
-    """VmRSS of ``pid`` in MB (0 when it is gone)."""
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """``VmRSS`` (or ``VmHWM``, its peak so far) of ``pid`` in MB; 0 when it is gone."""
     with contextlib.suppress(OSError, ValueError, IndexError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     return 0.0
 
@@ -98,8 +98,15 @@ class Proc:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
-    def output(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
+    def output(self, since: int = 0) -> str:
+        """The output from byte ``since`` on (all of it by default)."""
+        with self.log_path.open("rb") as log:
+            log.seek(since)
+            return log.read().decode("utf-8", errors="replace")
+
+    def size(self) -> int:
+        """How many bytes of output so far (for :meth:`output`'s ``since``)."""
+        return self.log_path.stat().st_size
 
     def tail(self, lines: int = 30) -> list[str]:
         return self.output().splitlines()[-lines:]

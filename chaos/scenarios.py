@@ -393,6 +393,7 @@ def _malformed_entry(
     valid job gets ``timeout_s`` more.
     """
     exits_before = len(rig.workers.exits)
+    marks = {proc.name: proc.size() for proc in rig.workers.live()}
     task_id = f"mal-{n:02d}-{item.name}"
     raw = item.build(rig.queue, task_id)
     began = time.monotonic()
@@ -415,7 +416,7 @@ def _malformed_entry(
             came_back += int(copies[0] > 0)
             purged += _purge(rig.redis, rig.queue, raw)
             copies = _copies(rig.redis, rig.queue, raw)
-        if any(copies) or valid in ledger.pending():
+        if any(copies) or valid in ledger.pending() or _dying(rig, marks):
             clean_since = None
             return False
         clean_since = clean_since or time.monotonic()
@@ -443,6 +444,14 @@ def _malformed_entry(
         "stuck": stuck,
         "purged": purged,
     }
+
+
+def _dying(rig: Rig, marks: Mapping[str, int]) -> bool:
+    """Whether a live worker has logged its end (Celery's "Unrecoverable error") since
+    ``marks`` (worker -> log size) and is still on its way out."""
+    return any(
+        "Unrecoverable error" in proc.output(marks.get(proc.name, 0)) for proc in rig.workers.live()
+    )
 
 
 def _identity(raw: bytes) -> tuple[Any, Any]:
@@ -593,10 +602,11 @@ def upstream_faults(
                         f"huge-{i:04d}",
                     )
             tally(result, rig, ledger, grace_s=grace_s)
-    result.details["RSS MB (at start, peak) per worker"] = {
-        name: (round(sampler.first[name], 1), round(peak, 1)) for name, peak in sampler.peak.items()
+    result.details["RSS MB per worker (first sample, highest sample, VmHWM)"] = {
+        name: (round(sampler.first[name]), round(peak), round(sampler.hwm.get(name, 0.0)))
+        for name, peak in sampler.peak.items()
     }
-    over = {n: round(p) for n, p in sampler.peak.items() if p > rss_bound_mb}
+    over = {n: round(p) for n, p in sampler.highest().items() if p > rss_bound_mb}
     result.checks.append(
         Check(
             f"RSS per worker under {rss_bound_mb:.0f} MB",
@@ -608,21 +618,29 @@ def upstream_faults(
 
 
 class RssSampler:
-    """Samples the VmRSS of every live worker of ``rig`` every 0.1 s; keeps each peak."""
+    """Samples every live worker of ``rig`` every 0.1 s: its VmRSS (the first and the
+    highest seen) and its VmHWM, the kernel's record of its peak RSS, which a spike
+    between two samples cannot escape."""
 
     def __init__(self, rig: Rig, interval_s: float = 0.1) -> None:
         self._rig = rig
         self._interval_s = interval_s
         self.first: dict[str, float] = {}
         self.peak: dict[str, float] = {}
+        self.hwm: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="chaos-rss", daemon=True)
 
     def sample(self) -> None:
         for proc in self._rig.workers.live():
-            mb = rss_mb(proc.pid)
+            mb, hwm = rss_mb(proc.pid), rss_mb(proc.pid, "VmHWM")
             self.first.setdefault(proc.name, mb)
             self.peak[proc.name] = max(self.peak.get(proc.name, 0.0), mb)
+            self.hwm[proc.name] = max(self.hwm.get(proc.name, 0.0), hwm)
+
+    def highest(self) -> dict[str, float]:
+        """Each worker's peak RSS: VmHWM, or the highest sample should that be higher."""
+        return {name: max(peak, self.hwm.get(name, 0.0)) for name, peak in self.peak.items()}
 
     def _loop(self) -> None:
         while not self._stop.wait(self._interval_s):
