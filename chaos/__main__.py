@@ -101,7 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[chaos] {name} …", flush=True)
         result = run(name, log_dir, params)
         results.append(result)
-        verdict = "pass" if result.passed else "FAIL: " + "; ".join(result.failures())
+        verdict = (
+            "pass"
+            if result.passed
+            else "FAIL: " + "; ".join(reason[:100] for reason in result.failures())
+        )
         print(f"[chaos] {name}: {verdict} ({result.elapsed_s:.0f}s)", flush=True)
     facts["load_after"] = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     text = report.markdown(results, facts)
