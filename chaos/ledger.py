@@ -192,9 +192,8 @@ class Ledger:
         self.queue = queue
         self.labels: dict[str, str] = {}
         """job id -> what kind of job it is (for the report)."""
-        self.submitted_at: dict[str, float] = {}
         self._cursor: dict[str, str] = {}
-        self._done: dict[str, float] = {}
+        self._done: set[str] = set()
         self._seen: dict[str, list[Any]] = {}
         self.expired = 0
         """Logs gone (their TTL) when judged: judged from what polls read while they lived."""
@@ -205,7 +204,6 @@ class Ledger:
         if job_id in self.labels:
             raise ValueError(f"job id {job_id!r} submitted twice")
         self.labels[job_id] = label
-        self.submitted_at[job_id] = time.time()
         return job_id
 
     def submit(self, job: Any, label: str, task_id: str) -> str:
@@ -234,7 +232,7 @@ class Ledger:
                     self._progress_at = time.monotonic()
                     self._cursor[job_id] = entry_id.decode()
                     if _is_terminal(fields):
-                        self._done.setdefault(job_id, time.time())
+                        self._done.add(job_id)
         return len(self.pending())
 
     def wait(self, timeout_s: float, *, quiet_s: float = QUIET_S) -> bool:
