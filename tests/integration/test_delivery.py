@@ -437,6 +437,7 @@ def test_service_rerun_continues_attempt_numbers_and_keeps_the_deadline(
             "fallback": False,
         }
     )
+    lost.close()  # stored before the rerun starts, as a lost run's events are
     job = message("rerun", deadline_s=30)
     first_deadline = service._deadline(service_job(job))
 
@@ -467,6 +468,7 @@ def test_service_bug_before_the_chain_starts_still_ends_the_job_once(
     (`internal`), written under the lease, which is then released."""
     lost = sink(redis_client, keys, "broken-log")
     lost.emit({"type": "attempt", "model": "primary"})
+    lost.close()
 
     with pytest.raises(KeyError):
         service.run(message("broken-log"), task_id="broken-log")
