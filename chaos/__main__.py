@@ -2,8 +2,8 @@
 
 Examples::
 
-    python -m chaos                                   # every scenario, full size (~35 min)
-    python -m chaos --quick                           # every scenario, small (~8 min)
+    python -m chaos                                   # every scenario, full size (~25 min)
+    python -m chaos --quick                           # every scenario, small (~11 min)
     python -m chaos --scenario malformed --scenario fuzz --json /tmp/chaos.json
     python -m chaos --scenario soak --soak-s 3600     # an hour of steady load
 
