@@ -20,7 +20,6 @@ import base64
 import binascii
 import dataclasses
 import json
-import re
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from typing import Any
 
 import redis
 
-from worker.jobs import JOB_ID_PATTERN
+from worker.jobs import is_job_id
 from worker.keys import Keys
 
 DEAD_MAX = 1000
@@ -42,8 +41,6 @@ INVALID_HEADER = "x-reliever-invalid"
 """The header of a stand-in envelope: why the transport could not use the message."""
 INVALID_CONTENT_TYPE = "application/x-reliever-invalid"
 MAX_ID_LEN = 200
-
-_JOB_ID = re.compile(JOB_ID_PATTERN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +63,7 @@ class DeadLetter:
     def fail_id(self) -> str | None:
         """The id of the job to end: the job's own, else the task's when usable as one."""
         for candidate in (self.job_id, self.task_id):
-            if candidate is not None and _JOB_ID.fullmatch(candidate):
+            if is_job_id(candidate):
                 return candidate
         return None
 
@@ -219,14 +216,8 @@ def job_id_in_body(body: Any, task_id: str | None) -> str | None:
         job = body[0][0]
     own = job.get("job_id") if isinstance(job, Mapping) else None
     for candidate in (own, task_id):
-        if isinstance(candidate, str) and _JOB_ID.fullmatch(candidate):
+        if is_job_id(candidate):
             return candidate
-    return None
-
-
-def _job_id_in(args: Any) -> str | None:
-    if isinstance(args, list | tuple) and args and isinstance(args[0], Mapping):
-        return _short_id(args[0].get("job_id"))
     return None
 
 
@@ -287,7 +278,7 @@ def vet(message: Any, max_bytes: int) -> DeadLetter | None:
         return dead(
             "bad_arguments",
             f"{TASK_NAME} takes one argument, the job",
-            _job_id_in(args),
+            job_id_in_body(payload, None),
         )
     return None
 
