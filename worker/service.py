@@ -58,9 +58,6 @@ from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
-"""Redis did not answer: an outage to wait out or leave to the reaper, never a job's end."""
-
 
 class ReapIncomplete(Exception):
     """Some lost jobs could not be re-enqueued this time (they stay listed)."""
@@ -308,8 +305,8 @@ class Service:
                 return ended
             try:
                 sink, first_n, deadline = self._start(job, lease)
-            except REDIS_ERRORS:
-                raise
+            except redis.RedisError:
+                raise  # Redis's fault, not a bug: the caller leaves the job to the reaper
             except Exception:
                 # A bug before the chain began: the job still ends, once, fenced by the
                 # lease; the traceback goes on to the logs and Sentry.
